@@ -1,0 +1,86 @@
+"""The math core of the two-layer linear network ŷ = aᵀWx, shared by every training path.
+
+Shapes: ``W`` is ``(..., m, d)`` (row i = neuron wᵢ), ``a`` is ``(..., m)``, inputs ``x`` are
+``(..., B, d)`` and targets ``y`` are ``(..., B)``; any leading axes (stacked replicas, steps)
+broadcast. The generic Lightning path differentiates :func:`predict` with autograd; the fast
+engine calls :func:`grads` directly; tests check that the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "balancedness",
+    "end_to_end",
+    "grads",
+    "half_mse",
+    "ntk_init",
+    "predict",
+    "sgd_step",
+]
+
+
+def end_to_end(W: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The end-to-end linear predictor θ = Wᵀa, shape ``(..., d)``."""
+    return torch.einsum("...md,...m->...d", W, a)
+
+
+def predict(W: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Predictions ŷ = aᵀWx = θᵀx for a batch ``x`` of shape ``(..., B, d)``; returns ``(..., B)``."""
+    return (x @ end_to_end(W, a).unsqueeze(-1)).squeeze(-1)
+
+
+def half_mse(W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Loss ½·mean_b (ŷ_b − y_b)² over the batch axis, shape ``(...)``."""
+    return 0.5 * (predict(W, a, x) - y).square().mean(-1)
+
+
+def grads(
+    W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Closed-form gradients of :func:`half_mse`: ``(∇_W, ∇_a, r)``.
+
+    With residuals r = ŷ − y and g = xᵀr / B (the gradient with respect to θ):
+    ∇_W = a gᵀ (outer product, ``(..., m, d)``), ∇_a = W g (``(..., m)``).
+    """
+    r = predict(W, a, x) - y
+    g = (r.unsqueeze(-2) @ x).squeeze(-2) / x.shape[-2]
+    return a.unsqueeze(-1) * g.unsqueeze(-2), (W @ g.unsqueeze(-1)).squeeze(-1), r
+
+
+def sgd_step(
+    W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lr: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One plain SGD step of both layers (simultaneous update); returns the new ``(W, a)``.
+
+    ``lr`` is a float or a tensor broadcastable to the leading axes of ``a`` (per-replica η).
+    """
+    gW, ga, _ = grads(W, a, x, y)
+    lr_t = torch.as_tensor(lr, dtype=W.dtype, device=W.device)
+    return W - lr_t[..., None, None] * gW, a - lr_t[..., None] * ga
+
+
+def balancedness(W: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Per-neuron balancedness ‖wᵢ‖² − aᵢ², shape ``(..., m)``; gradient flow conserves it."""
+    return W.square().sum(-1) - a.square()
+
+
+def ntk_init(
+    width: int,
+    dim: int,
+    init_scale: float = 1.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NTK initialisation: W_ij ~ N(0, 1/d) (so ‖wᵢ‖ ≈ 1) and aᵢ ~ N(0, 1/m), times ``init_scale``.
+
+    Drawn on the CPU from a ``torch.Generator`` seeded with ``seed`` (in float64, then cast), so
+    a seed gives the same network on every device and in every dtype.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    W = torch.randn(width, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
+    a = torch.randn(width, generator=gen, dtype=torch.float64) / math.sqrt(width)
+    return (W * init_scale).to(dtype), (a * init_scale).to(dtype)
