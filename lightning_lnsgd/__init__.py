@@ -2,11 +2,13 @@
 
 from .data import SparseTeacherDataModule
 from .model import DivergenceError, TwoLayerLinear
+from .noise import LabelNoise
 from .rng import CounterRNG
 
 __all__ = [
     "CounterRNG",
     "DivergenceError",
+    "LabelNoise",
     "SparseTeacherDataModule",
     "TwoLayerLinear",
 ]

@@ -95,7 +95,8 @@ class SparseTeacherDataModule(pl.LightningDataModule):
             )
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"SparseTeacherDataModule: `steps_per_epoch` must be ≥ 1, got {steps_per_epoch!r}.")
-        self.save_hyperparameters()
+        # logger=False: Lightning refuses to log two hparams sets sharing a key (both have `seed`).
+        self.save_hyperparameters(logger=False)
         self.dim, self.n_train, self.n_test, self.batch_size, self.seed = dim, n_train, n_test, batch_size, seed
         self.steps_per_epoch = steps_per_epoch or -(-n_train // batch_size)
 
