@@ -1,0 +1,57 @@
+"""The command line: every config parses and runs, overrides, linking, outputs."""
+
+import glob
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_lnsgd.cli import main
+
+CONFIGS = sorted(str(p) for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
+FAST = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+
+
+def test_configs_exist():
+    names = {Path(p).name for p in CONFIGS}
+    assert {"label_noise_sgd.yaml", "sgd_clean.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: Path(p).name)
+def test_every_config_parses_and_runs_a_few_steps(config, tmp_path):
+    cli = main(["fit", "--config", config, *FAST, "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.global_step >= 1
+    # Every output lands under default_root_dir: event files and the config copy.
+    assert glob.glob(f"{tmp_path}/**/events.out.tfevents*", recursive=True)
+    assert glob.glob(f"{tmp_path}/**/config.yaml", recursive=True)
+
+
+def test_overrides_and_dim_comes_from_data(tmp_path):
+    cfg = "configs/label_noise_sgd.yaml"
+    cli = main(["--config", cfg, *FAST, "--model.width", "50", "--data.dim", "7", "--data.seed", "3",
+                "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.model.W.shape == (50, 7)
+    assert cli.datamodule.seed == 3
+    assert cli.config["model"]["init_args"]["dim"] == 7
+
+
+def test_conflicting_dim_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"model.init_args.dim.*=5 disagrees with `data.init_args.dim`=20"):
+        main(["--config", "configs/sgd_clean.yaml", "--model.dim", "5", *FAST], run=False)
+
+
+def test_validate_and_test_subcommands(tmp_path):
+    for sub in ("validate", "test"):
+        cli = main([sub, "--config", "configs/sgd_clean.yaml", "--trainer.default_root_dir", str(tmp_path)])
+        key = "val/loss" if sub == "validate" else "test/loss"
+        assert key in cli.trainer.callback_metrics
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/label_noise_sgd.yaml", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["lr"] == 0.001
+    assert printed["data"]["init_args"]["n_train"] == 200
