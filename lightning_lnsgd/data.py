@@ -7,7 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from .rng import CounterRNG
+from .rng import CounterRNG, replica_stream
 
 __all__ = ["SparseTeacherDataModule"]
 
@@ -112,6 +112,8 @@ class SparseTeacherDataModule(pl.LightningDataModule):
         self.x_train, self.y_train = x_train.float(), (x_train @ teacher).float()
         self.x_test, self.y_test = x_test.float(), (x_test @ teacher).float()
         self._sampler = CounterRNG(seed, stream="sampling")
+        self._rank = 0
+        self._replica_sampler: tuple[tuple[int, ...], CounterRNG] | None = None
 
     # -- device placement and sampling ------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -124,10 +126,25 @@ class SparseTeacherDataModule(pl.LightningDataModule):
         state = self._sampler.state_dict()
         self._sampler = CounterRNG(self.seed, stream="sampling", rank=rank)
         self._sampler.load_state_dict(state)
+        self._rank, self._replica_sampler = rank, None
 
-    def sample(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draws a training batch ``(x, y)`` with replacement; ``n`` stacks that many steps' batches."""
-        idx = self._sampler.randint(self.n_train, (self.batch_size,), n=n, device=self.x_train.device)
+    def sample(self, n: int | None = None, replica_seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws a training batch ``(x, y)`` uniformly with replacement from the training set.
+
+        ``n`` stacks that many SGD steps' batches, ``(n, B, d)``, equal to n single draws;
+        ``replica_seeds`` adds a leading replica axis, each replica sampling from its own stream
+        (seeded by the datamodule's seed and the replica's seed) in lockstep with this one.
+        """
+        sampler = self._sampler
+        if replica_seeds is not None:
+            key = tuple(replica_seeds)
+            if self._replica_sampler is None or self._replica_sampler[0] != key:
+                rng = CounterRNG([replica_stream(self.seed, s) for s in key], stream="sampling", rank=self._rank)
+                self._replica_sampler = (key, rng)
+            sampler = self._replica_sampler[1]
+            sampler.counter = self._sampler.counter
+        idx = sampler.randint(self.n_train, (self.batch_size,), n=n, device=self.x_train.device)
+        self._sampler.counter = sampler.counter
         return self.x_train[idx], self.y_train[idx]
 
     def train_dataloader(self) -> _DrawLoader:
@@ -141,7 +158,11 @@ class SparseTeacherDataModule(pl.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, _Draw):
-            batch = self.sample()
+            layout = None
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if module is not None and callable(getattr(module, "label_noise_layout", None)):
+                layout = module.label_noise_layout()  # the fused engine's (replica seeds, k steps)
+            batch = self.sample() if layout is None else self.sample(n=layout[1], replica_seeds=layout[0])
             if self.trainer is not None:
                 batch = self.trainer.precision_plugin.convert_input(batch)
         return batch

@@ -1,8 +1,9 @@
-"""The paper's two-layer linear network as a LightningModule."""
+"""The paper's two-layer linear network as a LightningModule, with a generic and a fused path."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -10,15 +11,20 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .metrics import lazy_distance, two_layer_dynamics
+from . import engine
+from .metrics import two_layer_dynamics
 
 __all__ = ["TwoLayerLinear", "DivergenceError"]
 
-_ESCAPE_RESOLUTION = 100  # steps between two checks of the lazy ball, whatever the logging interval
+#: Steps between two checks of the lazy ball (``phase/escape_step``), whatever the logging interval.
+ESCAPE_RESOLUTION = 100
 
 
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or weights."""
+
+
+Backend = Literal["auto", "autograd", "torch", "numba", "triton"]
 
 
 class TwoLayerLinear(pl.LightningModule):
@@ -28,17 +34,34 @@ class TwoLayerLinear(pl.LightningModule):
         dim: input dimension d (the CLI fills it from the datamodule's ``dim``).
         width: number of neurons m.
         init: ``"ntk"``: W_ij ~ N(0, 1/d), aᵢ ~ N(0, 1/m).
-        init_scale: multiplier α on the initialisation (α ≪ 1: small init, rich from the start).
-        lr: SGD step size η (no momentum, no weight decay).
-        seed: seed of the initialisation.
+        init_scale: multiplier α on the initialisation (α ≪ 1: small init, rich from the start);
+            a list gives one value per replica.
+        lr: SGD step size η (no momentum, no weight decay); a list gives one value per replica.
+        seed: seed of the initialisation; replica r uses ``replica_seeds[r]`` (default ``seed + r``)
+            for its initialisation, its data sampling and its label noise.
+        replicas: K independent trainings stacked in one module (parameters ``(K, m, d)``, ``(K, m)``);
+            ``None`` for one unstacked network.
+        replica_seeds: one seed per replica (default ``[seed, seed + 1, …]``).
+        steps_per_batch: SGD steps k fused into one Lightning step (closed-form gradients).
+        backend: ``"autograd"``: the generic Lightning path (``torch.optim.SGD``, automatic
+            optimisation; works with any strategy, DDP included); ``"torch"``, ``"numba"``,
+            ``"triton"``: the fused closed-form path on that backend; ``"auto"``: the generic path
+            for one unstacked network with ``steps_per_batch=1``, else the fused path on the
+            fastest backend for the device (triton on CUDA, numba on CPU, torch otherwise).
+        cuda_graph: capture the fused torch loop in a CUDA graph (torch backend on CUDA only).
+        log_replicas: per-replica tags (``…/r3``) are written when K ≤ this; the mean over
+            replicas is always written under the plain tag.
 
-    The training loss is ½·mean of (ŷ − ỹ)² over the batch targets as they arrive, so it is
-    the noisy loss when a :class:`~lightning_lnsgd.noise.LabelNoise` callback is attached.
-    Every ``trainer.log_every_n_steps`` SGD steps it logs, at TensorBoard step t = number of
-    SGD steps done (step 0 is the initialisation): ``train/loss`` and ``test/loss`` (clean
-    labels, whole sets) and the ``dynamics/*`` tags of :func:`~lightning_lnsgd.metrics.two_layer_dynamics`;
-    ``phase/escape_step`` once, the first multiple of ``min(100, log_every_n_steps)`` steps at
-    which ``dynamics/lazy_distance`` exceeds 1.
+    The training loss is ½·mean of (ŷ − ỹ)² over the batch targets as they arrive, so it is the
+    noisy loss when a :class:`~lightning_lnsgd.noise.LabelNoise` callback is attached.
+
+    Steps: ``trainer.global_step`` and every logged step count *SGD steps*. On the fused path one
+    Lightning step runs k SGD steps and advances ``global_step`` by k (the last one runs only what
+    is left before ``trainer.max_steps``). Every ``trainer.log_every_n_steps`` SGD steps it logs,
+    at TensorBoard step t = SGD steps done (step 0 is the initialisation): ``train/loss`` and
+    ``test/loss`` (clean labels, whole sets) and the ``dynamics/*`` tags of
+    :func:`~lightning_lnsgd.metrics.two_layer_dynamics`; ``phase/escape_step`` once, the first
+    multiple of ``min(100, log_every_n_steps)`` steps at which ``dynamics/lazy_distance`` exceeds 1.
     """
 
     def __init__(
@@ -46,9 +69,15 @@ class TwoLayerLinear(pl.LightningModule):
         dim: int | None = None,
         width: int = 1000,
         init: Literal["ntk"] = "ntk",
-        init_scale: float = 1.0,
-        lr: float = 1e-3,
+        init_scale: float | list[float] = 1.0,
+        lr: float | list[float] = 1e-3,
         seed: int = 0,
+        replicas: int | None = None,
+        replica_seeds: list[int] | None = None,
+        steps_per_batch: int = 1,
+        backend: Backend = "auto",
+        cuda_graph: bool = False,
+        log_replicas: int = 16,
     ) -> None:
         super().__init__()
         if dim is None or int(dim) != dim or dim < 1:
@@ -59,25 +88,75 @@ class TwoLayerLinear(pl.LightningModule):
             raise ValueError(f"TwoLayerLinear: `width` must be a positive integer, got {width!r}.")
         if init != "ntk":
             raise ValueError(f"TwoLayerLinear: `init` must be 'ntk', got {init!r}.")
-        if not (math.isfinite(init_scale) and init_scale > 0):
-            raise ValueError(f"TwoLayerLinear: `init_scale` must be a finite number > 0, got {init_scale!r}.")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"TwoLayerLinear: `lr` must be a finite number > 0, got {lr!r}.")
+        if replicas is not None and (int(replicas) != replicas or replicas < 1):
+            raise ValueError(f"TwoLayerLinear: `replicas` must be a positive integer or null, got {replicas!r}.")
+        if int(steps_per_batch) != steps_per_batch or steps_per_batch < 1:
+            raise ValueError(f"TwoLayerLinear: `steps_per_batch` must be an integer ≥ 1, got {steps_per_batch!r}.")
+        if backend not in ("auto", "autograd", "torch", "numba", "triton"):
+            raise ValueError(
+                f"TwoLayerLinear: `backend` must be one of auto, autograd, torch, numba, triton; got {backend!r}."
+            )
+        K = replicas
+        self.replica_seeds = None if K is None else _replica_list(replica_seeds, K, seed)
+        scales = _per_replica("init_scale", init_scale, K)
+        rates = _per_replica("lr", lr, K)
+        for name, values in (("init_scale", scales), ("lr", rates)):
+            if not all(math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"TwoLayerLinear: `{name}` must be finite and > 0, got {values!r}.")
+        self.fused = backend != "autograd" and not (backend == "auto" and K is None and steps_per_batch == 1)
+        if backend == "autograd" and (K is not None or steps_per_batch > 1):
+            raise ValueError(
+                "TwoLayerLinear: backend='autograd' runs one unstacked network one step at a time; with "
+                f"replicas={K!r} or steps_per_batch={steps_per_batch} choose backend auto, torch, numba or triton."
+            )
         self.save_hyperparameters()
-        W, a = F.ntk_init(width, dim, init_scale, seed)
-        self.W = nn.Parameter(W)
-        self.a = nn.Parameter(a)
+        self.automatic_optimization = not self.fused
+        self.steps_per_batch = int(steps_per_batch)
+
+        if K is None:
+            W, a = F.ntk_init(width, dim, scales[0], seed)
+        else:
+            inits = [F.ntk_init(width, dim, s, rs) for s, rs in zip(scales, self.replica_seeds)]
+            W, a = torch.stack([w for w, _ in inits]), torch.stack([v for _, v in inits])
+        self.W = nn.Parameter(W, requires_grad=not self.fused)
+        self.a = nn.Parameter(a, requires_grad=not self.fused)
         # The initial weights define the lazy ball; buffers travel with the module and the checkpoint.
         self.register_buffer("W0", W.clone())
-        self.register_buffer("escape_step", torch.tensor(-1, dtype=torch.int64))
+        self.register_buffer("escape_step", torch.full(W.shape[:-2], -1, dtype=torch.int64))
+        self.register_buffer("lr_per_replica", torch.tensor(rates if K is not None else rates[0]))
         self.teacher: torch.Tensor | None = None
+        self._engine: engine.FusedEngine | None = None
+        self._logged_escape = torch.zeros(W.shape[:-2], dtype=torch.bool)
 
     # -- model ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions for inputs ``x`` ``(..., N, d)``; ``(K, N)`` with replicas."""
         return F.predict(self.W, self.a, x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    @property
+    def performs_sam_step(self) -> bool:
+        """True on the fused path: it runs SAM itself with the SAM strategy's ``rho``/``normalize``."""
+        return self.fused
+
+    def label_noise_layout(self) -> tuple[list[int] | None, int] | None:
+        """Batch layout of the fused path ``(replica seeds or None, SGD steps in this batch)``.
+
+        The datamodule and :class:`~lightning_lnsgd.noise.LabelNoise` shape their draws by it;
+        ``None`` on the generic path (plain ``(x, y)`` batches).
+        """
+        if not self.fused:
+            return None
+        k = self.steps_per_batch
+        if self._trainer is not None and self.trainer.max_steps > 0:
+            k = max(1, min(k, self.trainer.max_steps - self.trainer.global_step))
+        return self.replica_seeds, k
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x, y = batch
+        if self.fused:
+            assert self._engine is not None
+            self._engine.run(x, y)
+            return None
         loss = F.half_mse(self.W, self.a, x, y)
         if loss.device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked periodically
             self._raise_divergence(self.global_step + 1)
@@ -86,16 +165,18 @@ class TwoLayerLinear(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.log("val/loss", F.half_mse(self.W, self.a, x, y))
+        self.log("val/loss", F.half_mse(self.W, self.a, x.to(self.W.dtype), y.to(self.W.dtype)).mean())
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.log("test/loss", F.half_mse(self.W, self.a, x, y))
+        self.log("test/loss", F.half_mse(self.W, self.a, x.to(self.W.dtype), y.to(self.W.dtype)).mean())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        if self.fused:
+            return None  # the fused engine updates the weights itself
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.0, weight_decay=0.0)
 
-    # -- dynamics ------------------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         teacher = getattr(dm, "teacher", None)
@@ -106,42 +187,91 @@ class TwoLayerLinear(pl.LightningModule):
                     f"but the model was built with dim={self.W.shape[-1]}."
                 )
             self.teacher = teacher.to(self.device, self.W.dtype)
+        if self.fused:
+            self._engine = engine.FusedEngine(self)
 
     def on_train_start(self) -> None:
         if self.global_step == 0:
             self._log_dynamics(0)
+            if self.replica_seeds is not None:
+                table = {f"replica/lr/r{k}": float(v) for k, v in enumerate(self.lr_per_replica)}
+                table.update({f"replica/init_scale/r{k}": float(v) for k, v in enumerate(_per_replica(
+                    "init_scale", self.hparams.init_scale, len(self.replica_seeds)))})
+                self._log_scalars(table, 0)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.fused:
+            assert self._engine is not None
+            self._engine.flush()
+            return
         step = self.global_step
+        if step % self.escape_every() == 0:
+            self.check_finite(step)
+            self.update_escape(step)
+            self.log_new_escapes()
         every = self.trainer.log_every_n_steps
-        check = min(_ESCAPE_RESOLUTION, every) if every > 0 else _ESCAPE_RESOLUTION
-        if step % check == 0:
-            if not bool(torch.isfinite(self.W).all() and torch.isfinite(self.a).all()):
-                self._raise_divergence(step)
-            if int(self.escape_step) < 0 and float(lazy_distance(self.W.detach(), self.W0)) > 1.0:
-                self.escape_step.fill_(step)
-                self._log_scalars({"phase/escape_step": float(step)}, step)
         if every > 0 and step % every == 0:
             self._log_dynamics(step)
 
+    # -- dynamics ------------------------------------------------------------------------------
+    def escape_every(self) -> int:
+        """SGD steps between two checks of the lazy ball."""
+        every = self.trainer.log_every_n_steps
+        return min(ESCAPE_RESOLUTION, every) if every > 0 else ESCAPE_RESOLUTION
+
+    @torch.no_grad()
+    def update_escape(self, step: int) -> None:
+        """Records ``step`` for replicas that are outside the lazy ball for the first time (no host sync)."""
+        from .metrics import lazy_distance
+
+        left = (lazy_distance(self.W, self.W0) > 1.0) & (self.escape_step < 0)
+        self.escape_step.copy_(torch.where(left, torch.full_like(self.escape_step, step), self.escape_step))
+
+    def log_new_escapes(self) -> None:
+        """Logs ``phase/escape_step`` (``…/r{k}`` per replica) once per replica, at the escape step."""
+        escape = self.escape_step.detach().cpu()
+        new = (escape >= 0) & ~self._logged_escape
+        if not bool(new.any()):
+            return
+        self._logged_escape |= new
+        if escape.ndim == 0:
+            self._log_scalars({"phase/escape_step": float(escape)}, int(escape))
+            return
+        for k in torch.nonzero(new).flatten().tolist():
+            self._log_scalars({f"phase/escape_step/r{k}": float(escape[k])}, int(escape[k]))
+
+    def check_finite(self, step: int) -> None:
+        if not bool(torch.isfinite(self.W).all() and torch.isfinite(self.a).all()):
+            self._raise_divergence(step)
+
     def _teacher_or_zero(self) -> torch.Tensor:
-        return self.teacher if self.teacher is not None else torch.zeros_like(self.W[0])
+        return self.teacher if self.teacher is not None else torch.zeros_like(self.W0[..., 0, :])
 
     @torch.no_grad()
     def dynamics(self) -> dict[str, torch.Tensor]:
-        """Current values of every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``), on device."""
+        """Current values of every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``), on device.
+
+        With replicas each value has shape ``(K,)``.
+        """
         values = {f"dynamics/{k}": v for k, v in two_layer_dynamics(self.W, self.a, self.W0, self._teacher_or_zero()).items()}
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "x_train"):
-            values["train/loss"] = F.half_mse(self.W, self.a, dm.x_train.to(self.W.dtype), dm.y_train.to(self.W.dtype))
-            values["test/loss"] = F.half_mse(self.W, self.a, dm.x_test.to(self.W.dtype), dm.y_test.to(self.W.dtype))
+            dt = self.W.dtype
+            values["train/loss"] = F.half_mse(self.W, self.a, dm.x_train.to(dt), dm.y_train.to(dt))
+            values["test/loss"] = F.half_mse(self.W, self.a, dm.x_test.to(dt), dm.y_test.to(dt))
         return values
 
-    def _log_dynamics(self, step: int) -> None:
-        values = {k: float(v) for k, v in self.dynamics().items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            self._raise_divergence(step)
-        self._log_scalars(values, step)
+    def _log_dynamics(self, step: int, values: dict[str, torch.Tensor] | None = None) -> None:
+        values = self.dynamics() if values is None else values
+        flat: dict[str, float] = {}
+        for tag, v in values.items():
+            v = v.detach().double().cpu()
+            if not bool(torch.isfinite(v).all()):
+                self._raise_divergence(step)
+            flat[tag] = float(v.mean())
+            if v.ndim and len(v) <= self.hparams.log_replicas:
+                flat.update({f"{tag}/r{k}": float(x) for k, x in enumerate(v)})
+        self._log_scalars(flat, step)
 
     def _log_scalars(self, values: dict[str, float], step: int) -> None:
         for logger in self.loggers:
@@ -153,10 +283,31 @@ class TwoLayerLinear(pl.LightningModule):
             if hasattr(cb, "level_at"):
                 sigma = cb.level_at(step)
         eta = self.hparams.lr
+        eta_s = f"{eta:g}" if isinstance(eta, (int, float)) else str(eta)
         noise = f"σ={sigma:g}" if sigma is not None else "σ=0 (no LabelNoise callback)"
-        product = f", η·σ={eta * sigma:g}" if sigma else ""
+        product = f", η·σ={eta * sigma:g}" if sigma and isinstance(eta, (int, float)) else ""
         raise DivergenceError(
-            f"Training diverged: non-finite loss or weights at step {step} with η={eta:g}, {noise}{product}. "
+            f"Training diverged: non-finite loss or weights at step {step} with η={eta_s}, {noise}{product}. "
             "A step size η too large for the noise level σ (η·σ too large) is the usual cause; lower `model.lr` "
             "or the noise level."
         )
+
+
+def _replica_list(seeds: Sequence[int] | None, K: int, seed: int) -> list[int]:
+    if seeds is None:
+        return [seed + r for r in range(K)]
+    if len(seeds) != K:
+        raise ValueError(f"TwoLayerLinear: `replica_seeds` has {len(seeds)} entries but replicas={K}.")
+    return [int(s) for s in seeds]
+
+
+def _per_replica(name: str, value: float | Sequence[float], K: int | None) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * (K or 1)
+    values = [float(v) for v in value]
+    if K is None or len(values) != K:
+        raise ValueError(
+            f"TwoLayerLinear: `{name}` is a list of {len(values)} values; a list needs `replicas` equal to its "
+            f"length (one value per replica), got replicas={K!r}."
+        )
+    return values

@@ -400,7 +400,11 @@ def _find_num_classes(pl_module: LightningModule, trainer: Trainer) -> int | Non
 
 
 def _has_layout(module: Any) -> bool:
-    return module is not None and callable(getattr(module, "label_noise_layout", None))
+    return (
+        module is not None
+        and callable(getattr(module, "label_noise_layout", None))
+        and module.label_noise_layout() is not None
+    )
 
 
 def _layout(module: Any) -> tuple[list[int] | None, int]:
@@ -408,6 +412,8 @@ def _layout(module: Any) -> tuple[list[int] | None, int]:
     if not _has_layout(module):
         return None, 1
     layout = module.label_noise_layout()
+    if layout is None:  # the module has a layout protocol but uses plain batches right now
+        return None, 1
     try:
         replica_seeds, k = layout
     except (TypeError, ValueError):

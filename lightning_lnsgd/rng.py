@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CounterRNG", "mix64"]
+__all__ = ["CounterRNG", "mix64", "replica_stream"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -157,6 +157,15 @@ class CounterRNG:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.counter = int(state["counter"])
+
+
+def replica_stream(seed: int, replica_seed: int) -> int:
+    """The seed of one stacked replica's stream: a hash of (the owner's seed, the replica's seed).
+
+    Stacked runs (the fused engine) give replica r the stream ``replica_stream(seed, seeds[r])``,
+    so replica r draws exactly what a one-replica run with seed ``seeds[r]`` draws.
+    """
+    return _mix_int(_mix_int(int(seed)) ^ _mix_int(int(replica_seed) + 0x9E3779B97F4A7C15))
 
 
 def _stream_id(stream: str | int) -> int:

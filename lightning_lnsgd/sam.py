@@ -239,6 +239,8 @@ class _SAMMixin:
         """Refuse settings under which the SAM step is not well defined (clear message: setting, value, allowed)."""
         name = type(self).__name__
         module = trainer.lightning_module
+        if getattr(module, "performs_sam_step", False):
+            return  # the module runs the SAM step itself (the fused engine) with this strategy's settings
         if not module.automatic_optimization:
             raise MisconfigurationException(
                 f"{name}: automatic_optimization=False (manual optimisation) is not supported; SAM drives the two "

@@ -1,0 +1,115 @@
+"""The fused path: k SGD steps per Lightning step, stacked replicas, kernels, SAM — same trajectories."""
+
+import glob
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_lnsgd import LabelNoise, SparseTeacherDataModule, TwoLayerLinear
+from lightning_lnsgd.kernels import available_backends
+from lightning_lnsgd.sam import SAMStrategy
+
+
+def fit(steps=120, noise=1.5, strategy="auto", logger=False, every=50, root=None, ckpt=None, dm_seed=3, **model_kw):
+    model_kw.setdefault("seed", 2)
+    model_kw.setdefault("lr", 0.01)
+    model = TwoLayerLinear(dim=6, width=12, **model_kw)
+    dm = SparseTeacherDataModule(dim=6, n_train=20, batch_size=2, seed=dm_seed, steps_per_epoch=37)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=logger, log_every_n_steps=every, strategy=strategy,
+        callbacks=[LabelNoise(sigma=noise, seed=11)] if noise else [], enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=root,
+    )
+    trainer.fit(model, dm, ckpt_path=ckpt)
+    return model, trainer
+
+
+def close(a, b, tol=1e-5):
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+def test_fused_k1_equals_generic_autograd_path():
+    generic, _ = fit(backend="autograd")
+    fused, trainer = fit(backend="torch")
+    assert fused.fused and not generic.fused and trainer.global_step == 120
+    assert close(fused.W, generic.W) and close(fused.a, generic.a)
+
+
+@pytest.mark.parametrize("k", [4, 7, 500])
+def test_k_steps_per_batch_equal_k1_and_count_sgd_steps(k):
+    one, _ = fit(backend="torch", steps_per_batch=1)
+    many, trainer = fit(backend="torch", steps_per_batch=k)
+    assert trainer.global_step == 120  # the last batch runs only what is left before max_steps
+    assert torch.equal(many.W, one.W) and torch.equal(many.a, one.a)
+
+
+def test_replica_equals_single_run_with_its_seed_and_grid_values():
+    stacked, _ = fit(backend="torch", replicas=3, replica_seeds=[4, 5, 6], lr=[0.01, 0.02, 0.005],
+                     init_scale=[1.0, 0.5, 2.0], steps_per_batch=9)
+    for r, (seed, lr, scale) in enumerate([(4, 0.01, 1.0), (5, 0.02, 0.5), (6, 0.005, 2.0)]):
+        single, _ = fit(backend="torch", replicas=1, replica_seeds=[seed], lr=[lr], init_scale=[scale])
+        assert close(stacked.W[r], single.W[0]) and close(stacked.a[r], single.a[0]), r
+    assert not close(stacked.W[0], stacked.W[1])
+
+
+@pytest.mark.skipif("numba" not in available_backends(), reason="numba not installed")
+def test_numba_backend_matches_torch_backend():
+    ref, _ = fit(backend="torch", replicas=2, steps_per_batch=10)
+    fast, _ = fit(backend="numba", replicas=2, steps_per_batch=10)
+    assert close(fast.W, ref.W) and close(fast.a, ref.a)
+
+
+def test_fused_sam_equals_the_sam_strategy_on_the_generic_path():
+    generic, _ = fit(backend="autograd", strategy=SAMStrategy(rho=0.05))
+    fused, _ = fit(backend="torch", steps_per_batch=6, strategy=SAMStrategy(rho=0.05))
+    plain, _ = fit(backend="torch", steps_per_batch=6)
+    assert close(fused.W, generic.W) and close(fused.a, generic.a)
+    assert not close(fused.W, plain.W, tol=1e-7)
+
+
+def test_fused_resume_is_bitwise(tmp_path):
+    ref, _ = fit(steps=100, backend="torch", steps_per_batch=8)
+    _, first = fit(steps=40, backend="torch", steps_per_batch=8)
+    first.save_checkpoint(tmp_path / "c.ckpt")
+    resumed, trainer = fit(steps=100, backend="torch", steps_per_batch=8, ckpt=tmp_path / "c.ckpt")
+    assert trainer.global_step == 100
+    assert torch.equal(resumed.W, ref.W) and torch.equal(resumed.a, ref.a)
+
+
+def _scalars(root):
+    (path,) = glob.glob(f"{root}/**/events.out.tfevents*", recursive=True)
+    acc = EventAccumulator(path)
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_fused_logging_grid_and_per_replica_tags(tmp_path):
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="", version="")
+    model, _ = fit(steps=130, noise=4.0, lr=0.05, backend="torch", replicas=2, steps_per_batch=40, logger=logger,
+                   every=20, root=tmp_path)
+    scalars = _scalars(tmp_path)
+    # Logged on the SGD-step grid even though 40-step batches straddle it (last batch: 10 steps).
+    assert set(scalars["dynamics/norm_sq_mean"]) == {0, 20, 40, 60, 80, 100, 120}
+    final = model.dynamics()
+    both = scalars["dynamics/norm_sq_mean/r0"][120], scalars["dynamics/norm_sq_mean/r1"][120]
+    assert abs(scalars["dynamics/norm_sq_mean"][120] - sum(both) / 2) < 1e-6
+    assert scalars["replica/lr/r1"][0] == pytest.approx(0.05)
+    for r in range(2):
+        escape = int(model.escape_step[r])
+        assert escape > 0 and escape % 20 == 0
+        assert scalars[f"phase/escape_step/r{r}"] == {escape: float(escape)}
+    assert final["dynamics/norm_sq_mean"].shape == (2,)
+
+
+def test_fused_path_configuration_errors():
+    with pytest.raises(ValueError, match="backend='autograd' runs one unstacked network"):
+        TwoLayerLinear(dim=3, replicas=2, backend="autograd")
+    with pytest.raises(ValueError, match="`lr` is a list of 2 values"):
+        TwoLayerLinear(dim=3, lr=[0.1, 0.2])
+    with pytest.raises(ValueError, match="`replica_seeds` has 1 entries but replicas=2"):
+        TwoLayerLinear(dim=3, replicas=2, replica_seeds=[1])
+    with pytest.raises(ValueError, match="adaptive SAM"):
+        fit(backend="torch", strategy=SAMStrategy(rho=0.05, adaptive=True))
