@@ -1,0 +1,154 @@
+"""``python -m lightning_lnsgd report RUN_DIR [RUN_DIR ...] --out FILE.png``: the phase figure of one or more runs.
+
+Reads the TensorBoard event files under each run directory (recursively) and draws, runs overlaid:
+
+1. ``train/loss`` (solid) and ``test/loss`` (dashed), log scale;
+2. ``dynamics/norm_sq_mean``, the mean squared neuron norm (1/m)Σ‖wᵢ‖²;
+3. ``dynamics/alignment_mean`` (solid) and ``dynamics/cosine_mean`` (dashed);
+4. ``dynamics/lazy_distance`` √m·minᵢ‖wᵢ − wᵢ(0)‖ with the escape threshold 1 (log scale).
+
+``phase/escape_step`` is drawn as a vertical dotted line in every panel, in the run's colour. With ``--layer NAME``
+the ``dynamics/NAME/*`` tags of a :class:`~lightning_lnsgd.callbacks.DynamicsMonitor` layer are used instead.
+Importing this module has no side effects; matplotlib is loaded (Agg backend) only when drawing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PANELS", "ReportError", "event_dirs", "load_scalars", "main", "phase_figure"]
+
+#: (panel title, [(tag suffix or full tag, line style)], log y, horizontal reference line)
+PANELS: list[tuple[str, list[tuple[str, str]], bool, float | None]] = [
+    ("loss  (train —, test - -)", [("train/loss", "-"), ("test/loss", "--")], True, None),
+    ("mean ‖wᵢ‖²", [("dynamics/norm_sq_mean", "-")], False, None),
+    ("alignment mean |⟨wᵢ,θ⋆⟩| —, cosine - -", [("dynamics/alignment_mean", "-"), ("dynamics/cosine_mean", "--")], False, None),
+    ("√m · minᵢ ‖wᵢ − wᵢ(0)‖", [("dynamics/lazy_distance", "-")], True, 1.0),
+]
+ESCAPE_TAG = "phase/escape_step"
+
+
+class ReportError(ValueError):
+    """The run directories cannot be reported (no event files, no known tags)."""
+
+
+def event_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The directories under ``run_dir`` (itself included) that hold TensorBoard event files, sorted."""
+    root = Path(run_dir)
+    if not root.exists():
+        raise ReportError(f"report: run directory {str(root)!r} does not exist.")
+    return sorted({p.parent for p in root.rglob("events.out.tfevents.*") if p.is_file()})
+
+
+def load_scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of the event files under ``run_dir``: ``{tag: [(step, value), ...]}`` sorted by step.
+
+    Event files of several sub-directories (e.g. ``version_0``, ``version_1`` of a resumed run) are merged; where two
+    events share a tag and a step, the later one (by wall time) wins.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dirs = event_dirs(run_dir)
+    if not dirs:
+        raise ReportError(f"report: no TensorBoard event files (events.out.tfevents.*) under {str(run_dir)!r}.")
+    merged: dict[str, dict[int, tuple[float, float]]] = {}
+    for d in dirs:
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            series = merged.setdefault(tag, {})
+            for e in acc.Scalars(tag):
+                if e.step not in series or series[e.step][0] <= e.wall_time:
+                    series[e.step] = (e.wall_time, float(e.value))
+    return {tag: sorted((step, v) for step, (_, v) in series.items()) for tag, series in merged.items()}
+
+
+def _tag(tag: str, layer: str | None) -> str:
+    if layer is None or not tag.startswith("dynamics/"):
+        return tag
+    return f"dynamics/{layer}/{tag[len('dynamics/'):]}"
+
+
+def phase_figure(
+    runs: Sequence[dict[str, list[tuple[int, float]]]], labels: Sequence[str], layer: str | None = None
+) -> Any:
+    """The four-panel phase figure (see module docstring) of ``runs`` (outputs of :func:`load_scalars`)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    known = {_tag(t, layer) for _, lines, _, _ in PANELS for t, _ in lines}
+    for label, scalars in zip(labels, runs):
+        if not known & set(scalars):
+            found = ", ".join(sorted(scalars)[:15]) or "none"
+            raise ReportError(
+                f"report: run {label!r} has none of the tags {sorted(known)}; its scalar tags: {found}."
+                + ("" if layer else " For a DynamicsMonitor layer, pass --layer NAME.")
+            )
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=110, sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, lines, logy, hline) in zip(axes.flat, PANELS):
+        for i, (label, scalars) in enumerate(zip(labels, runs)):
+            color = colors[i % len(colors)]
+            for j, (tag, style) in enumerate(lines):
+                series = scalars.get(_tag(tag, layer))
+                if not series:
+                    continue
+                steps, values = zip(*series)
+                if logy:  # zeros and negatives cannot be drawn on a log axis
+                    keep = [k for k, v in enumerate(values) if v > 0]
+                    steps, values = [steps[k] for k in keep], [values[k] for k in keep]
+                ax.plot(steps, values, style, color=color, label=label if j == 0 else None, lw=1.3)
+            escape = scalars.get(ESCAPE_TAG)
+            if escape:  # logged once, value = the step
+                ax.axvline(escape[0][1], color=color, ls=":", lw=1.2)
+        if hline is not None:
+            ax.axhline(hline, color="k", lw=0.8, ls="-.")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("SGD steps")
+    for ax in axes.flat:  # the legend goes in the first panel that has a line of every run
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+            break
+    if any(ESCAPE_TAG in r for r in runs):
+        fig.text(0.01, 0.005, "dotted vertical lines: phase/escape_step (every neuron left the lazy ball)", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return fig
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Entry point of ``python -m lightning_lnsgd report``; returns the path of the written PNG."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_lnsgd report",
+        description="Draw the phase figure (losses, mean ‖wᵢ‖², alignment, laziness) of one or more runs.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, searched recursively for event files")
+    parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure")
+    parser.add_argument("--labels", nargs="+", default=None, help="one legend label per RUN_DIR (default: the directory names)")
+    parser.add_argument("--layer", default=None, help="use the dynamics/LAYER/* tags of a DynamicsMonitor layer")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.labels is not None and len(args.labels) != len(args.run_dirs):
+        parser.error(f"--labels: got {len(args.labels)} labels for {len(args.run_dirs)} run directories; give one per RUN_DIR.")
+    labels = args.labels or [Path(d).resolve().name for d in args.run_dirs]
+    try:
+        runs = [load_scalars(d) for d in args.run_dirs]
+        fig = phase_figure(runs, labels, layer=args.layer)
+    except ReportError as err:
+        parser.error(str(err))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    print(f"report: wrote {out}")
+    return out
