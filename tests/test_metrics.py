@@ -343,11 +343,12 @@ def test_pruning_curve_restores_weights_and_is_sensible(fitted) -> None:
     assert "pruning/val/acc" in acc.Tags()["images"]
     # bit-for-bit restore, also of the logged torchmetrics state; a tensor-valued key works too
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
     loss_curve = PruningCurve(kept_fractions=[0.3, 1.0], monitor="val/loss").evaluate(trainer, model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert loss_curve[0.3] > loss_curve[1.0] > 0
-    assert model.training is False or model.training is True  # mode restored, not forced
+    assert model.training and model.backbone.fc1.training  # mode restored, not forced to eval
     with pytest.raises(ValueError, match="`monitor`='val/nope' was not logged"):
         PruningCurve(monitor="val/nope").evaluate(trainer, model)
     assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
