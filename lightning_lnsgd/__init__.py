@@ -3,14 +3,21 @@
 from .data import SparseTeacherDataModule
 from .model import DivergenceError, TwoLayerLinear
 from .noise import LabelNoise
+from .progress import StepProgressBar
+from .sam import SAMDDPStrategy, SAMStrategy, is_perturbed_pass, sam_perturbation
 from .rng import CounterRNG
 
 __all__ = [
     "CounterRNG",
     "DivergenceError",
     "LabelNoise",
+    "SAMDDPStrategy",
+    "SAMStrategy",
+    "StepProgressBar",
     "SparseTeacherDataModule",
     "TwoLayerLinear",
+    "is_perturbed_pass",
+    "sam_perturbation",
 ]
 
 __version__ = "0.1.0"

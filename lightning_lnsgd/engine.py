@@ -97,4 +97,6 @@ class FusedEngine:
             self._checked_at = None
         for step, values in self._pending:
             model._log_dynamics(step, values)
+        if self._pending and "train/loss" in self._pending[-1][1]:
+            model.log("loss", self._pending[-1][1]["train/loss"].mean(), prog_bar=True, logger=False)
         self._pending.clear()

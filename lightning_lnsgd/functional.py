@@ -25,7 +25,8 @@ __all__ = [
 
 def end_to_end(W: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The end-to-end linear predictor θ = Wᵀa, shape ``(..., d)``."""
-    return torch.einsum("...md,...m->...d", W, a)
+    # A batched matmul: einsum's generic path was ~100× slower here for (m, d) = (1000, 20).
+    return (a.unsqueeze(-2) @ W).squeeze(-2)
 
 
 def predict(W: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

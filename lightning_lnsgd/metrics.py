@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from .functional import end_to_end
+
 __all__ = [
     # plain functions
     "alignment",
@@ -172,7 +174,7 @@ def two_layer_dynamics(
     W: torch.Tensor, a: torch.Tensor, W0: torch.Tensor, teacher: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The foundation's ``dynamics/*`` values for ŷ = aᵀWx with teacher θ⋆ (tags without prefix)."""
-    theta = torch.einsum("...md,...m->...d", W, a)
+    theta = end_to_end(W, a)
     return {
         "norm_sq_mean": neuron_norms_sq(W).mean(-1),
         "frobenius": frobenius(W),
