@@ -1,0 +1,236 @@
+"""Numba CPU kernels for :func:`lightning_lnsgd.kernels.run_steps` (imported lazily: needs ``numba``).
+
+Every kernel runs ``k`` steps for each replica ``r`` of ``W`` ``(R, m, d)`` and ``a`` ``(R, m)`` in place, replicas
+in parallel (``prange``), steps in order. Inputs are NumPy views of the torch tensors, all of one float dtype
+(float32 or float64; one compiled specialisation each). ``x`` is ``(Rx, k, B, d)`` and ``y`` ``(Rx, k, B)`` with
+``Rx == R`` or ``Rx == 1`` (one sample stream shared by all replicas); ``lr`` and ``rho`` are ``(R,)``.
+
+Memory traffic: the plain-SGD kernels read and write ``W`` once per step (one pass over the rows in memory order).
+
+* ``B == 1`` (:func:`sgd_b1`): the pass that updates row i also computes ``p_i = w_i^new · x_{t+1}`` for the *next*
+  sample and accumulates the next prediction ``ŷ_{t+1} = Σ_i a_i^new p_i``; at step t+1 the residual is then known
+  before the pass and ``∇a_i = (W g)_i = r p_i`` needs no dot product: 2·m·d flops a step (the C yardstick's count).
+* ``B > 1`` (:func:`sgd_theta`): the pass computes ``(W g)_i`` and updates row i while accumulating the next
+  end-to-end predictor ``θ_new = Σ_i a_i^new w_i^new`` (a fresh sum of the new weights, so no drift); the next
+  step's predictions are ``θ_new · x_b``: 3·m·d flops a step.
+* SAM (:func:`sam_theta`): two passes a step. Pass 1 computes ``h = W g`` and ``s = Wᵀh`` (plus ``‖a‖²``, ``‖h‖²``,
+  ``aᵀh``) at the current point; the perturbed predictor then follows in closed form,
+  ``θ' = Σ_i (a_i + c h_i)(w_i + c a_i g) = θ + c‖a‖² g + c s + c² (aᵀh) g``. Pass 2 updates every row with the
+  gradients at the perturbed point (recomputing ``w_i' = w_i + c a_i g`` on the fly) and accumulates ``θ_new``.
+
+The arithmetic follows the torch reference's rounding order where it is cheap to do so (``η (a_i g_j)``, ``g / B``);
+reductions are summed in a different order than torch's BLAS, which is why results agree to rounding, not bitwise.
+``fastmath`` is limited to re-association and FMA contraction (no ``nnan``/``ninf``/approximate reciprocals): that
+changes results only at the rounding level, like any other summation order, and keeps NaN/inf propagation.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["sam_theta", "sgd_b1", "sgd_theta"]
+
+_FM = {"reassoc", "contract", "nsz"}
+_OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+
+
+@njit(**_OPTS)
+def sgd_b1(W, a, x, y, lr, P, zero):  # pragma: no cover - compiled
+    """Plain SGD, batch size 1. ``P`` ``(R, m)`` is scratch (p_i = w_i · x of the coming sample)."""
+    R, m, d = W.shape
+    k = x.shape[1]
+    shared = x.shape[0] == 1
+    for r in prange(R):
+        xr = np.int64(0) if shared else np.int64(r)
+        eta = lr[r]
+        Wr = W[r]
+        ar = a[r]
+        Pr = P[r]
+        # prologue: p_i = w_i · x_0 and ŷ_0
+        pred = zero
+        x0 = x[xr, 0, 0]
+        for i in range(m):
+            acc = zero
+            for j in range(d):
+                acc += Wr[i, j] * x0[j]
+            Pr[i] = acc
+            pred += ar[i] * acc
+        for t in range(k):
+            xt = x[xr, t, 0]
+            res = pred - y[xr, t, 0]
+            has_next = t + 1 < k
+            xn = x[xr, t + 1 if has_next else t, 0]
+            pred = zero
+            for i in range(m):
+                ai = ar[i]
+                # ∇a_i = (W g)_i = r (w_i · x) = r p_i ; ∇W_ij = a_i g_j = a_i (r x_j)
+                ai_new = ai - eta * (res * Pr[i])
+                acc = zero
+                for j in range(d):
+                    wn = Wr[i, j] - eta * (ai * (res * xt[j]))
+                    Wr[i, j] = wn
+                    acc += wn * xn[j]
+                Pr[i] = acc
+                ar[i] = ai_new
+                pred += ai_new * acc
+
+
+@njit(**_OPTS)
+def sgd_theta(W, a, x, y, lr, TH, G, zero):  # pragma: no cover - compiled
+    """Plain SGD, any batch size. ``TH`` and ``G`` ``(R, d)`` are scratch (θ and g)."""
+    R, m, d = W.shape
+    k = x.shape[1]
+    B = x.shape[2]
+    shared = x.shape[0] == 1
+    for r in prange(R):
+        xr = np.int64(0) if shared else np.int64(r)
+        eta = lr[r]
+        Wr = W[r]
+        ar = a[r]
+        th = TH[r]
+        g = G[r]
+        for j in range(d):
+            th[j] = zero
+        for i in range(m):
+            ai = ar[i]
+            for j in range(d):
+                th[j] += ai * Wr[i, j]
+        for t in range(k):
+            for j in range(d):
+                g[j] = zero
+            for b in range(B):
+                xb = x[xr, t, b]
+                pred = zero
+                for j in range(d):
+                    pred += th[j] * xb[j]
+                res = pred - y[xr, t, b]
+                for j in range(d):
+                    g[j] += res * xb[j]
+            for j in range(d):
+                g[j] = g[j] / B
+                th[j] = zero
+            for i in range(m):
+                ai = ar[i]
+                h = zero
+                for j in range(d):
+                    h += Wr[i, j] * g[j]
+                ai_new = ai - eta * h
+                for j in range(d):
+                    wn = Wr[i, j] - eta * (ai * g[j])
+                    Wr[i, j] = wn
+                    th[j] += ai_new * wn
+                ar[i] = ai_new
+
+
+@njit(**_OPTS)
+def sam_theta(W, a, x, y, lr, rho, normalize, eps, TH, G, S, H, zero):  # pragma: no cover - compiled
+    """SAM (normalised or not), any batch size. ``TH``, ``G``, ``S`` ``(R, d)`` and ``H`` ``(R, m)`` are scratch."""
+    R, m, d = W.shape
+    k = x.shape[1]
+    B = x.shape[2]
+    shared = x.shape[0] == 1
+    for r in prange(R):
+        xr = np.int64(0) if shared else np.int64(r)
+        eta = lr[r]
+        rr = rho[r]
+        Wr = W[r]
+        ar = a[r]
+        th = TH[r]
+        g = G[r]
+        s = S[r]
+        h = H[r]
+        for j in range(d):
+            th[j] = zero
+        for i in range(m):
+            ai = ar[i]
+            for j in range(d):
+                th[j] += ai * Wr[i, j]
+        for t in range(k):
+            # --- gradient at (W, a): g = (1/B) Σ_b r_b x_b
+            for j in range(d):
+                g[j] = zero
+            for b in range(B):
+                xb = x[xr, t, b]
+                pred = zero
+                for j in range(d):
+                    pred += th[j] * xb[j]
+                res = pred - y[xr, t, b]
+                for j in range(d):
+                    g[j] += res * xb[j]
+            gg = zero
+            for j in range(d):
+                g[j] = g[j] / B
+                gg += g[j] * g[j]
+                s[j] = zero
+            # --- pass 1: h = W g, s = Wᵀ h, ‖a‖², ‖h‖², aᵀh
+            aa = zero
+            hh = zero
+            ah = zero
+            for i in range(m):
+                hi = zero
+                for j in range(d):
+                    hi += Wr[i, j] * g[j]
+                h[i] = hi
+                for j in range(d):
+                    s[j] += hi * Wr[i, j]
+                ai = ar[i]
+                aa += ai * ai
+                hh += hi * hi
+                ah += ai * hi
+            if normalize:
+                c = rr / (np.sqrt(aa * gg + hh) + eps)
+            else:
+                c = rr
+            # --- perturbed predictor θ' = θ + c‖a‖² g + c s + c² (aᵀh) g, its gradient g'
+            for j in range(d):
+                th[j] = th[j] + c * aa * g[j] + c * s[j] + c * c * ah * g[j]
+            for j in range(d):
+                s[j] = zero  # s now holds g'
+            for b in range(B):
+                xb = x[xr, t, b]
+                pred = zero
+                for j in range(d):
+                    pred += th[j] * xb[j]
+                res = pred - y[xr, t, b]
+                for j in range(d):
+                    s[j] += res * xb[j]
+            for j in range(d):
+                s[j] = s[j] / B
+                th[j] = zero
+            # --- pass 2: ∇W' = a' g'ᵀ, ∇a' = W' g' with W' = W + c a gᵀ, a' = a + c h; update; θ_new
+            for i in range(m):
+                ai = ar[i]
+                ap = ai + h[i] * c
+                hp = zero
+                for j in range(d):
+                    hp += (Wr[i, j] + (ai * g[j]) * c) * s[j]
+                ai_new = ai - eta * hp
+                for j in range(d):
+                    wn = Wr[i, j] - eta * (ap * s[j])
+                    Wr[i, j] = wn
+                    th[j] += ai_new * wn
+                ar[i] = ai_new
+
+
+def numba_threads() -> int:
+    """Number of threads numba's ``prange`` uses."""
+    return numba.get_num_threads()
+
+
+def run(W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool) -> None:
+    """Dispatch to the right kernel. All arrays C-contiguous, one float dtype; ``rho`` None or ``(R,)``."""
+    R, m, d = W.shape
+    B = x.shape[2]
+    zero = W.dtype.type(0)
+    if rho is not None:
+        TH = np.empty((R, d), W.dtype)
+        G = np.empty((R, d), W.dtype)
+        S = np.empty((R, d), W.dtype)
+        H = np.empty((R, m), W.dtype)
+        sam_theta(W, a, x, y, lr, rho, bool(normalize), W.dtype.type(1e-12), TH, G, S, H, zero)
+    elif B == 1:
+        sgd_b1(W, a, x, y, lr, np.empty((R, m), W.dtype), zero)
+    else:
+        sgd_theta(W, a, x, y, lr, np.empty((R, d), W.dtype), np.empty((R, d), W.dtype), zero)
