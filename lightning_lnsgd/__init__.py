@@ -1,5 +1,7 @@
 """lightning_lnsgd: label-noise SGD and SAM as PyTorch Lightning plug-ins (arXiv 2603.10397)."""
 
+from .callbacks import DynamicsMonitor, HParamsSummary, PruningCurve
+from .classification import GaussianMixtureDataModule, MLPClassifier
 from .data import SparseTeacherDataModule
 from .model import DivergenceError, TwoLayerLinear
 from .noise import LabelNoise
@@ -10,7 +12,12 @@ from .rng import CounterRNG
 __all__ = [
     "CounterRNG",
     "DivergenceError",
+    "DynamicsMonitor",
+    "GaussianMixtureDataModule",
+    "HParamsSummary",
     "LabelNoise",
+    "MLPClassifier",
+    "PruningCurve",
     "SAMDDPStrategy",
     "SAMStrategy",
     "StepProgressBar",
