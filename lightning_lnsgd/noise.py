@@ -205,6 +205,7 @@ class LabelNoise(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._checked = False  # a new fit may bring new data: redo the first-batch checks
         if self.kind == "flip" and self.num_classes is None:
             self.num_classes = _find_num_classes(pl_module, trainer)
             if self.num_classes is None:

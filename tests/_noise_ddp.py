@@ -1,6 +1,7 @@
 """Helper for tests/test_noise.py: a 2-process gloo DDP run with LabelNoise.
 
-Usage: ``python tests/_noise_ddp.py OUT_DIR``. Each rank saves ``OUT_DIR/rank{r}.pt``: a list of
+Usage: ``python tests/_noise_ddp.py OUT_DIR`` (Lightning starts rank 1), or started once per rank with
+``LOCAL_RANK``/``MASTER_PORT``/... set, as the test does. Each rank saves ``OUT_DIR/rank{r}.pt``: a list of
 ``(global_step, sample_indices, noisy_labels)``, one entry per training batch it saw.
 """
 
