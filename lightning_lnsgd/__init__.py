@@ -5,6 +5,7 @@ from .classification import GaussianMixtureDataModule, MLPClassifier
 from .data import SparseTeacherDataModule
 from .model import DivergenceError, TwoLayerLinear
 from .noise import LabelNoise
+from .oscillation import OscillationOnly
 from .progress import StepProgressBar
 from .sam import SAMDDPStrategy, SAMStrategy, is_perturbed_pass, sam_perturbation
 from .rng import CounterRNG
@@ -17,6 +18,7 @@ __all__ = [
     "HParamsSummary",
     "LabelNoise",
     "MLPClassifier",
+    "OscillationOnly",
     "PruningCurve",
     "SAMDDPStrategy",
     "SAMStrategy",

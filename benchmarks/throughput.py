@@ -1,0 +1,191 @@
+"""Steps per second of the paper's synthetic run: plain-PyTorch anchors vs the project's `fit` path.
+
+Settings (the paper's Fig. 2): m = 1000, d = 20, n = 200 examples sampled with replacement,
+η = 1e-3, Rademacher label noise σ = 4, batch 1, float32. Everything runs in this one process,
+so the ratios project/anchor are meaningful on a shared, noisy machine; absolute numbers are not.
+
+    python benchmarks/throughput.py                 # CPU: anchors, fit paths, ratios
+    python benchmarks/throughput.py --device cuda   # GPU: adds the CUDA-graph anchor, 4096 replicas
+    python benchmarks/throughput.py --quick         # fewer steps, for a smoke test
+
+Anchors: an autograd loop, a closed-form loop, a stacked-replica closed-form loop and (GPU) a
+CUDA graph of 100 closed-form steps, all hand-written here. Project: `Trainer.fit` of
+`TwoLayerLinear` with `LabelNoise` on the generic path (one step per Lightning step) and on the
+fused path (1000 steps per Lightning step) on each available backend, timed from `fit` start to
+end, set-up included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+
+import torch
+
+M, D, N, ETA, SIGMA = 1000, 20, 200, 1e-3, 4.0
+
+
+def _data(device: torch.device, replicas: int = 1, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(D, generator=gen)
+    teacher /= teacher.norm()
+    x = torch.randn(N, D, generator=gen)
+    W = torch.randn(replicas, M, D, generator=gen) / math.sqrt(D)
+    a = torch.randn(replicas, M, generator=gen) / math.sqrt(M)
+    return x.to(device), (x @ teacher).to(device), W.to(device), a.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def anchor_autograd(steps: int, device: torch.device) -> float:
+    x, y, W, a = _data(device)
+    W, a = W[0].requires_grad_(), a[0].requires_grad_()
+    opt = torch.optim.SGD([W, a], lr=ETA)
+    idx = torch.randint(N, (steps,), device=device)
+    eps = SIGMA * (torch.randint(0, 2, (steps,), device=device) * 2 - 1).float()
+    _sync(device)
+    t = time.perf_counter()
+    for s in range(steps):
+        xb = x[idx[s]]
+        loss = 0.5 * (a @ (W @ xb) - (y[idx[s]] + eps[s])) ** 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return steps / (time.perf_counter() - t)
+
+
+def _closed_form_step(W, a, xb, yb):
+    # Closed-form gradients of ½(aᵀWx − y)², batch 1, stacked over a leading replica axis.
+    theta = (a.unsqueeze(-2) @ W).squeeze(-2)
+    r = (theta * xb).sum(-1) - yb
+    g = r.unsqueeze(-1) * xb
+    ga = (W @ g.unsqueeze(-1)).squeeze(-1)
+    W.sub_(ETA * a.unsqueeze(-1) * g.unsqueeze(-2))
+    a.sub_(ETA * ga)
+
+
+def anchor_closed_form(steps: int, device: torch.device, replicas: int = 1) -> float:
+    x, y, W, a = _data(device, replicas)
+    idx = torch.randint(N, (steps, replicas), device=device)
+    eps = SIGMA * (torch.randint(0, 2, (steps, replicas), device=device) * 2 - 1).float()
+    xs, ys = x[idx], y[idx] + eps
+    _sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for s in range(steps):
+            _closed_form_step(W, a, xs[s], ys[s])
+    _sync(device)
+    return steps * replicas / (time.perf_counter() - t)
+
+
+def anchor_cuda_graph(steps: int, device: torch.device, chunk: int = 100) -> float:
+    x, y, W, a = _data(device)
+    xs = torch.empty(chunk, 1, D, device=device)
+    ys = torch.empty(chunk, 1, device=device)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for s in range(chunk):  # warm-up before capture
+                _closed_form_step(W, a, xs[s], ys[s])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for s in range(chunk):
+                _closed_form_step(W, a, xs[s], ys[s])
+        idx = torch.randint(N, (steps // chunk, chunk, 1), device=device)
+        eps = SIGMA * (torch.randint(0, 2, idx.shape, device=device) * 2 - 1).float()
+        _sync(device)
+        t = time.perf_counter()
+        for c in range(steps // chunk):
+            xs.copy_(x[idx[c]])
+            ys.copy_(y[idx[c]] + eps[c])
+            graph.replay()
+        _sync(device)
+    return (steps // chunk) * chunk / (time.perf_counter() - t)
+
+
+def project_fit(steps: int, device: torch.device, backend: str, replicas: int | None = None, k: int = 1000) -> float:
+    import pytorch_lightning as pl
+
+    from lightning_lnsgd import LabelNoise, SparseTeacherDataModule, TwoLayerLinear
+
+    model = TwoLayerLinear(dim=D, width=M, lr=ETA, replicas=replicas, steps_per_batch=k if backend != "autograd" else 1,
+                           backend=backend)
+    data = SparseTeacherDataModule(dim=D, n_train=N, steps_per_epoch=max(1, steps // (k if backend != "autograd" else 1)))
+    trainer = pl.Trainer(
+        accelerator=device.type if device.type == "cpu" else "gpu", devices=1, max_steps=steps, logger=False,
+        log_every_n_steps=10_000, callbacks=[LabelNoise(sigma=SIGMA)], enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    t = time.perf_counter()
+    trainer.fit(model, data)
+    _sync(device)
+    return steps * (replicas or 1) / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="few steps: a smoke test, not a measurement")
+    parser.add_argument("--replicas", type=int, default=None, help="stacked replicas (default 64 CPU, 4096 GPU)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    R = args.replicas or (4096 if gpu else 64)
+    scale = 0.05 if args.quick else 1.0
+    n = lambda s: max(100, int(s * scale))  # noqa: E731
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    from lightning_lnsgd.kernels import available_backends
+
+    rows: list[tuple[str, float]] = []
+
+    def add(name: str, value: float) -> None:
+        rows.append((name, value))
+        print(f"{name:<52} {value:>14,.0f}", flush=True)
+
+    print(f"{'loop (device ' + device.type + ')':<52} {'steps/s':>14}")
+    add("anchor: autograd loop", anchor_autograd(n(3000), device))
+    add("anchor: closed-form loop", anchor_closed_form(n(20000), device))
+    add(f"anchor: closed-form, {R} stacked replicas [replica-steps/s]", anchor_closed_form(n(2000), device, R))
+    if gpu:
+        add("anchor: CUDA graph of 100 closed-form steps", anchor_cuda_graph(n(50000), device))
+    add("project: fit, generic autograd path", project_fit(n(3000), device, "autograd"))
+    add("project: fit, fused torch, k=1000", project_fit(n(20000), device, "torch"))
+    add(f"project: fit, fused torch, {R} replicas [replica-steps/s]", project_fit(n(2000), device, "torch", R))
+    for backend in [b for b in available_backends() if b != "torch"]:
+        steps = n(400_000 if backend == "triton" else 200_000)
+        add(f"project: fit, fused {backend}, k=1000", project_fit(steps, device, backend))
+        add(f"project: fit, fused {backend}, {R} replicas [replica-steps/s]",
+            project_fit(n(50_000 if gpu else 20_000), device, backend, R))
+
+    value = dict(rows)
+    print("\nratios (same process):")
+    ratios = [
+        ("fused torch / closed-form loop", "project: fit, fused torch, k=1000", "anchor: closed-form loop"),
+        (f"fused torch {R} replicas / stacked loop", f"project: fit, fused torch, {R} replicas [replica-steps/s]",
+         f"anchor: closed-form, {R} stacked replicas [replica-steps/s]"),
+        ("generic autograd path / autograd loop", "project: fit, generic autograd path", "anchor: autograd loop"),
+    ]
+    if gpu:
+        ratios.append(("fused torch / CUDA graph loop", "project: fit, fused torch, k=1000",
+                       "anchor: CUDA graph of 100 closed-form steps"))
+    for backend in [b for b in available_backends() if b != "torch"]:
+        ratios.append((f"fused {backend} / closed-form loop", f"project: fit, fused {backend}, k=1000",
+                       "anchor: closed-form loop"))
+    for name, num, den in ratios:
+        print(f"  {name:<50} {value[num] / value[den]:6.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
