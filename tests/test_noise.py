@@ -62,6 +62,11 @@ class Recorder(LightningModule):
     def validation_step(self, batch, batch_idx):
         self.val_seen.append(_clone(batch))
 
+    test_step = validation_step
+
+    def predict_step(self, batch, batch_idx):
+        self.val_seen.append(_clone(batch))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
@@ -316,7 +321,7 @@ def test_logging_at_log_steps(tmp_path):
 # ---------------------------------------------------------------------------------------------- scope
 
 
-def test_validation_test_predict_untouched_and_sam_sees_one_noisy_batch():
+def test_validation_test_predict_untouched():
     val = TensorDataset(torch.zeros(8, 1), torch.zeros(8))
     train = TensorDataset(torch.zeros(16, 1), torch.zeros(16))
     model = Recorder()
@@ -327,7 +332,9 @@ def test_validation_test_predict_untouched_and_sam_sees_one_noisy_batch():
     assert all(b[1].abs().sum() > 0 for _, b in model.train_seen)
     model.val_seen.clear()
     trainer.validate(model, DataLoader(val, batch_size=4), verbose=False)
-    assert all(torch.equal(b[1], torch.zeros(4)) for b in model.val_seen)
+    trainer.test(model, DataLoader(val, batch_size=4), verbose=False)
+    trainer.predict(model, DataLoader(val, batch_size=4))
+    assert len(model.val_seen) == 6 and all(torch.equal(b[1], torch.zeros(4)) for b in model.val_seen)
 
 
 def test_sam_both_passes_see_the_same_noisy_labels():
