@@ -287,7 +287,7 @@ class LabelNoise(Callback):
         fast-engine protocol), whether or not the schedule has noise on at this step.
         """
         module = trainer.lightning_module if trainer is not None else None
-        replica_seeds, k = _layout(module)
+        replica_seeds, k, declared = _layout(module)
         base = _steps_done(module, trainer)
         steps = [base + i for i in range(k)]
         levels = [self.level_at(s) for s in steps]
@@ -299,7 +299,7 @@ class LabelNoise(Callback):
             self._checked = True
         if labels.device.type == "cpu" and self.kind == "flip":
             self._check_class_range(labels)  # cheap on CPU; on accelerators done at logging steps (a sync)
-        lead = (0 if replica_seeds is None else 1) + (0 if module is None or not _has_layout(module) else 1)
+        lead = ((0 if replica_seeds is None else 1) + 1) if declared else 0  # leading (R?, k) dims of the label
         _check_layout_shape(labels, replica_seeds, k, lead, path)
 
         rng = self._rng(replica_seeds, 0 if trainer is None else trainer.global_rank)
@@ -400,27 +400,22 @@ def _find_num_classes(pl_module: LightningModule, trainer: Trainer) -> int | Non
     return None
 
 
-def _has_layout(module: Any) -> bool:
-    return (
-        module is not None
-        and callable(getattr(module, "label_noise_layout", None))
-        and module.label_noise_layout() is not None
-    )
+def _layout(module: Any) -> tuple[list[int] | None, int, bool]:
+    """``(replica_seeds or None, steps_per_batch, declared)`` of the fast-engine protocol.
 
-
-def _layout(module: Any) -> tuple[list[int] | None, int]:
-    """``(replica_seeds or None, steps_per_batch)`` of the fast-engine protocol; ``(None, 1)`` otherwise."""
-    if not _has_layout(module):
-        return None, 1
-    layout = module.label_noise_layout()
-    if layout is None:  # the module has a layout protocol but uses plain batches right now
-        return None, 1
+    ``declared`` is False (and the layout ``(None, 1)``) when the module has no
+    ``label_noise_layout()`` or it returns ``None`` (a plain batch on a generic path).
+    """
+    fn = getattr(module, "label_noise_layout", None) if module is not None else None
+    layout = fn() if callable(fn) else None
+    if layout is None:
+        return None, 1, False
     try:
         replica_seeds, k = layout
     except (TypeError, ValueError):
         raise ValueError(
-            "LabelNoise: `label_noise_layout()` must return (replica_seeds: list[int] | None, steps_per_batch: int),"
-            f" got {layout!r}."
+            "LabelNoise: `label_noise_layout()` must return None or (replica_seeds: list[int] | None,"
+            f" steps_per_batch: int), got {layout!r}."
         ) from None
     if not _is_int(k) or k < 1:
         raise ValueError(f"LabelNoise: `label_noise_layout()` returned steps_per_batch={k!r}; it must be an int >= 1.")
@@ -428,7 +423,7 @@ def _layout(module: Any) -> tuple[list[int] | None, int]:
         replica_seeds = [int(s) for s in replica_seeds]
         if not replica_seeds:
             raise ValueError("LabelNoise: `label_noise_layout()` returned an empty list of replica seeds; use None.")
-    return replica_seeds, int(k)
+    return replica_seeds, int(k), True
 
 
 def _steps_done(module: Any, trainer: Trainer | None) -> int:

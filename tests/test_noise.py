@@ -508,6 +508,11 @@ def test_fast_engine_layout_errors():
         cb.noisy_batch((torch.zeros(3, 3, 4),), _fake_trainer(FastModule([1, 2], 3)))
     with pytest.raises(ValueError, match="steps_per_batch=0"):
         cb.noisy_batch((torch.zeros(3),), _fake_trainer(FastModule(None, 0)))
+    # A module whose label_noise_layout() returns None (its generic path) gets plain per-step noise.
+    generic = FastModule(None, 1)
+    generic.label_noise_layout = lambda: None
+    (out,) = LabelNoise(sigma=1.0, seed=4).noisy_batch((torch.zeros(3),), _fake_trainer(generic))
+    assert torch.equal(out, CounterRNG(4, "label_noise").rademacher((3,)))
 
 
 # ---------------------------------------------------------------------------------------------- errors
