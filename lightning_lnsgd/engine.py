@@ -54,6 +54,14 @@ class FusedEngine:
                 "with the SAM strategy, or adaptive=False."
             )
         self.sam_rho, self.sam_normalize = (None, True) if sam is None else (sam[0], sam[1])
+        if isinstance(self.sam_rho, list):
+            R = None if model.replica_seeds is None else len(model.replica_seeds)
+            if R != len(self.sam_rho):
+                raise ValueError(
+                    f"TwoLayerLinear: the SAM strategy has {len(self.sam_rho)} values of rho (one per replica) "
+                    f"but the model has replicas={R}."
+                )
+            self.sam_rho = torch.tensor(self.sam_rho, dtype=model.W.dtype, device=model.W.device)
         lr = model.lr_per_replica
         self.lr: float | torch.Tensor = float(lr) if lr.ndim == 0 else lr
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []

@@ -215,15 +215,24 @@ class _SAMMixin:
     adaptive: bool
     bn_update: BNUpdate
 
-    def _init_sam(self, rho: float, normalize: bool, adaptive: bool, bn_update: str) -> None:
-        if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho > 0:
+    def _init_sam(self, rho: float | list[float], normalize: bool, adaptive: bool, bn_update: str) -> None:
+        if isinstance(rho, (list, tuple)):
+            # One ρ per stacked replica: only the fused TwoLayerLinear path can use it (checked at setup).
+            if not rho or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rho):
+                raise ValueError(
+                    f"{type(self).__name__}: rho={rho!r} is not allowed; a list of ρ needs one float > 0 per replica."
+                )
+            self.rho = [float(r) for r in rho]  # type: ignore[assignment]
+            rho = 1.0
+        elif not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho > 0:
             raise ValueError(f"{type(self).__name__}: rho={rho!r} is not allowed; rho must be a float > 0.")
         if bn_update not in ("first", "both"):
             raise ValueError(
                 f"{type(self).__name__}: bn_update={bn_update!r} is not allowed; choose 'first' (batch-norm running "
                 "statistics updated only in the first pass) or 'both'."
             )
-        self.rho = float(rho)
+        if not isinstance(getattr(self, "rho", None), list):
+            self.rho = float(rho)
         self.normalize = bool(normalize)
         self.adaptive = bool(adaptive)
         self.bn_update = bn_update  # type: ignore[assignment]
@@ -241,6 +250,11 @@ class _SAMMixin:
         module = trainer.lightning_module
         if getattr(module, "performs_sam_step", False):
             return  # the module runs the SAM step itself (the fused engine) with this strategy's settings
+        if isinstance(self.rho, list):
+            raise MisconfigurationException(
+                f"{name}: rho={self.rho!r} (one ρ per replica) needs a module that runs SAM on stacked replicas "
+                "itself (TwoLayerLinear on its fused path); give one float rho for any other module."
+            )
         if not module.automatic_optimization:
             raise MisconfigurationException(
                 f"{name}: automatic_optimization=False (manual optimisation) is not supported; SAM drives the two "
@@ -387,7 +401,8 @@ class SAMStrategy(_SAMMixin, SingleDeviceStrategy):
     """SAM on one device (registered as ``"sam"``).
 
     Args:
-        rho: perturbation radius ρ > 0.
+        rho: perturbation radius ρ > 0; a list gives one ρ per stacked replica of the fused
+            :class:`~lightning_lnsgd.model.TwoLayerLinear` path (refused for other modules).
         normalize: ``True``: ε = ρ g/‖g‖ (Foret); ``False``: ε = ρ g.
         adaptive: ASAM, ε ∝ |w|² g (see :func:`sam_perturbation`).
         bn_update: ``"first"``: batch-norm running statistics are updated only by the first pass (default);
@@ -400,7 +415,7 @@ class SAMStrategy(_SAMMixin, SingleDeviceStrategy):
 
     def __init__(
         self,
-        rho: float = 0.05,
+        rho: float | list[float] = 0.05,
         normalize: bool = True,
         adaptive: bool = False,
         bn_update: BNUpdate = "first",
@@ -471,7 +486,7 @@ class SAMDDPStrategy(_SAMMixin, DDPStrategy):
 
     def __init__(
         self,
-        rho: float = 0.05,
+        rho: float | list[float] = 0.05,
         normalize: bool = True,
         adaptive: bool = False,
         bn_update: BNUpdate = "first",

@@ -113,3 +113,15 @@ def test_fused_path_configuration_errors():
         TwoLayerLinear(dim=3, replicas=2, replica_seeds=[1])
     with pytest.raises(ValueError, match="adaptive SAM"):
         fit(backend="torch", strategy=SAMStrategy(rho=0.05, adaptive=True))
+
+
+def test_per_replica_rho_grid_equals_single_runs():
+    stacked, _ = fit(backend="torch", replicas=2, replica_seeds=[3, 3], steps_per_batch=5,
+                     strategy=SAMStrategy(rho=[0.02, 0.1]))
+    for r, rho in enumerate([0.02, 0.1]):
+        single, _ = fit(backend="torch", replicas=1, replica_seeds=[3], strategy=SAMStrategy(rho=rho))
+        assert close(stacked.W[r], single.W[0]) and close(stacked.a[r], single.a[0])
+    with pytest.raises(ValueError, match="2 values of rho"):
+        fit(backend="torch", replicas=3, strategy=SAMStrategy(rho=[0.02, 0.1]))
+    with pytest.raises(Exception, match="one ρ per replica"):
+        fit(backend="autograd", strategy=SAMStrategy(rho=[0.02, 0.1]))
