@@ -197,6 +197,9 @@ class TwoLayerLinear(pl.LightningModule):
                 table = {f"replica/lr/r{k}": float(v) for k, v in enumerate(self.lr_per_replica)}
                 table.update({f"replica/init_scale/r{k}": float(v) for k, v in enumerate(_per_replica(
                     "init_scale", self.hparams.init_scale, len(self.replica_seeds)))})
+                for cb in self.trainer.callbacks:  # a LabelNoise σ grid, for the escape-vs-σ report
+                    if isinstance(getattr(cb, "sigma", None), list):
+                        table.update({f"replica/sigma/r{k}": float(v) for k, v in enumerate(cb.sigma)})
                 self._log_scalars(table, 0)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -241,8 +244,9 @@ class TwoLayerLinear(pl.LightningModule):
             self._log_scalars({f"phase/escape_step/r{k}": float(escape[k])}, int(escape[k]))
 
     def check_finite(self, step: int) -> None:
-        if not bool(torch.isfinite(self.W).all() and torch.isfinite(self.a).all()):
-            self._raise_divergence(step)
+        finite = torch.isfinite(self.W).flatten(-2).all(-1) & torch.isfinite(self.a).all(-1)
+        if not bool(finite.all()):
+            self._raise_divergence(step, None if finite.ndim == 0 else torch.nonzero(~finite).flatten().tolist())
 
     def _teacher_or_zero(self) -> torch.Tensor:
         return self.teacher if self.teacher is not None else torch.zeros_like(self.W0[..., 0, :])
@@ -277,17 +281,23 @@ class TwoLayerLinear(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(values, step=step)
 
-    def _raise_divergence(self, step: int) -> None:
+    def _raise_divergence(self, step: int, replicas: list[int] | None = None) -> None:
         sigma = None
         for cb in self.trainer.callbacks if self._trainer is not None else []:
             if hasattr(cb, "level_at"):
                 sigma = cb.level_at(step)
+                if replicas and isinstance(getattr(cb, "sigma", None), list):
+                    sigma = max(cb.sigma[r] for r in replicas) * cb.schedule_factor(step)
         eta = self.hparams.lr
+        if replicas and isinstance(eta, list):
+            eta = max(eta[r] for r in replicas)
         eta_s = f"{eta:g}" if isinstance(eta, (int, float)) else str(eta)
         noise = f"σ={sigma:g}" if sigma is not None else "σ=0 (no LabelNoise callback)"
         product = f", η·σ={eta * sigma:g}" if sigma and isinstance(eta, (int, float)) else ""
         raise DivergenceError(
-            f"Training diverged: non-finite loss or weights at step {step} with η={eta_s}, {noise}{product}. "
+            f"Training diverged: non-finite loss or weights at step {step}"
+            + (f" in replicas {replicas}" if replicas else "")
+            + f" with η={eta_s}, {noise}{product}. "
             "A step size η too large for the noise level σ (η·σ too large) is the usual cause; lower `model.lr` "
             "or the noise level."
         )

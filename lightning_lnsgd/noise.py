@@ -105,7 +105,7 @@ class LabelNoise(Callback):
     def __init__(
         self,
         kind: Literal["rademacher", "gaussian", "flip"] = "rademacher",
-        sigma: float = 4.0,
+        sigma: float | list[float] = 4.0,
         flip_prob: float = 0.1,
         num_classes: int | None = None,
         target: int | str | None = None,
@@ -119,8 +119,12 @@ class LabelNoise(Callback):
     ) -> None:
         if kind not in ("rademacher", "gaussian", "flip"):
             raise ValueError(f"LabelNoise: `kind` must be 'rademacher', 'gaussian' or 'flip', got {kind!r}.")
-        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma >= 0:
-            raise ValueError(f"LabelNoise: `sigma` must be a float >= 0 (the noise level in label units), got {sigma!r}.")
+        sigmas = sigma if isinstance(sigma, (list, tuple)) else [sigma]
+        if not sigmas or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in sigmas):
+            raise ValueError(
+                "LabelNoise: `sigma` must be a float >= 0 (the noise level in label units), or a list of them (one"
+                f" per stacked replica), got {sigma!r}."
+            )
         if not isinstance(flip_prob, (int, float)) or isinstance(flip_prob, bool) or not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"LabelNoise: `flip_prob` must be a probability in [0, 1], got {flip_prob!r}.")
         if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
@@ -153,7 +157,7 @@ class LabelNoise(Callback):
                 f" as an int > `start_step` ({start_step}); got {decay_until!r}."
             )
         self.kind = kind
-        self.sigma = float(sigma)
+        self.sigma: float | list[float] = [float(v) for v in sigmas] if isinstance(sigma, (list, tuple)) else float(sigma)
         self.flip_prob = float(flip_prob)
         self.num_classes = num_classes
         self.target = target
@@ -179,26 +183,35 @@ class LabelNoise(Callback):
 
     @property
     def level(self) -> float:
-        """The full noise level: σ (label units) or τ (probability)."""
-        return self.flip_prob if self.kind == "flip" else self.sigma
+        """The full noise level: σ (label units) or τ (probability); the mean of a per-replica σ list."""
+        if self.kind == "flip":
+            return self.flip_prob
+        return sum(self.sigma) / len(self.sigma) if isinstance(self.sigma, list) else self.sigma
 
     @property
     def level_name(self) -> str:
         return "flip_prob" if self.kind == "flip" else "sigma"
 
     def level_at(self, step: int) -> float:
-        """The σ (rademacher/gaussian) or τ (flip) in force at optimizer step ``step``; 0 when off."""
+        """The σ (rademacher/gaussian) or τ (flip) in force at optimizer step ``step``; 0 when off.
+
+        With a per-replica σ list this is the mean over replicas (what gets logged).
+        """
+        return self.level * self.schedule_factor(step)
+
+    def schedule_factor(self, step: int) -> float:
+        """The schedule's multiplier of the full level at optimizer step ``step``, in [0, 1]."""
         step = int(step)
         if step < self.start_step or (self.stop_step is not None and step >= self.stop_step):
             return 0.0
         if self.schedule == "periodic":
             on = (step - self.start_step) % (self.period_on + self.period_off) < self.period_on
-            return self.level if on else 0.0
+            return 1.0 if on else 0.0
         if self.schedule == "decay":
             assert self.decay_until is not None
             frac = (self.decay_until - step) / (self.decay_until - self.start_step)
-            return self.level * max(0.0, frac)
-        return self.level
+            return max(0.0, frac)
+        return 1.0
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -313,8 +326,21 @@ class LabelNoise(Callback):
         per_step = tuple(labels.shape[lead:])
         n = None if lead == 0 else k
         dev = labels.device
-        if len(set(levels)) == 1:
-            level: float | torch.Tensor = levels[0]
+        if isinstance(self.sigma, list) and self.kind != "flip":
+            # One σ per stacked replica: (R, k, 1, …) = σ_r × the schedule factor of row i.
+            if replica_seeds is None or len(replica_seeds) != len(self.sigma):
+                raise ValueError(
+                    f"LabelNoise: `sigma` lists {len(self.sigma)} values (one per replica), but the module stacks"
+                    f" {0 if replica_seeds is None else len(replica_seeds)} replicas; give one float, or one value"
+                    " per replica of a TwoLayerLinear with `replicas`."
+                )
+            factors = torch.tensor([self.schedule_factor(s) for s in steps], dtype=torch.float64, device=dev)
+            sig = torch.tensor(self.sigma, dtype=torch.float64, device=dev)
+            level: float | torch.Tensor = (sig[:, None] * factors[None, :]).view(
+                len(self.sigma), k, *([1] * len(per_step))
+            )
+        elif len(set(levels)) == 1:
+            level = levels[0]
         else:  # per-row levels under the fast-engine protocol, broadcast over the step axis
             level = torch.tensor(levels, dtype=torch.float64, device=dev).view(k, *([1] * len(per_step)))
 

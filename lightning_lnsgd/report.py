@@ -125,6 +125,58 @@ def phase_figure(
     return fig
 
 
+def escape_points(scalars: dict[str, list[tuple[int, float]]], param: str) -> list[tuple[float, float]]:
+    """``(value of replica/<param>, escape step)`` for every replica of a stacked run that escaped."""
+    points = []
+    for tag, series in scalars.items():
+        if not tag.startswith(ESCAPE_TAG + "/r"):
+            continue
+        replica = tag[len(ESCAPE_TAG) + 1 :]
+        value = scalars.get(f"replica/{param}/{replica}")
+        if value and series:
+            points.append((value[0][1], series[0][1]))
+    return sorted(points)
+
+
+def escape_figure(runs: Sequence[dict[str, list[tuple[int, float]]]], labels: Sequence[str], param: str) -> Any:
+    """Escape step of every replica against its ``param`` (log–log), with Theorem 2's slope −2.
+
+    Theorem 2 bounds the escape time by T₁ ∝ 1/(σ²η²): against σ or η the slope on a log–log plot
+    is −2. The reference line goes through the geometric mean of all points.
+    """
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    symbol = {"sigma": "σ", "lr": "η"}.get(param, param)
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    all_points = []
+    for label, scalars in zip(labels, runs):
+        points = escape_points(scalars, param)
+        if not points:
+            raise ReportError(
+                f"report: run {label!r} has no per-replica {ESCAPE_TAG}/r* with replica/{param}/r* values; "
+                "--escape-vs needs a stacked run (TwoLayerLinear with `replicas`) whose replicas escaped."
+            )
+        xs, ys = zip(*points)
+        ax.loglog(xs, ys, "o", alpha=0.7, label=label)
+        all_points += points
+    gx = math.exp(sum(math.log(x) for x, _ in all_points) / len(all_points))
+    gy = math.exp(sum(math.log(y) for _, y in all_points) / len(all_points))
+    lo, hi = min(x for x, _ in all_points), max(x for x, _ in all_points)
+    grid = [lo * (hi / lo) ** (i / 50) for i in range(51)] if hi > lo else [lo]
+    ax.loglog(grid, [gy * (x / gx) ** -2 for x in grid], "k--", lw=1, label=f"Theorem 2: ∝ {symbol}⁻²")
+    ax.set_xlabel(symbol)
+    ax.set_ylabel("escape step (every neuron left the lazy ball)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """Entry point of ``python -m lightning_lnsgd report``; returns the path of the written PNG."""
     parser = argparse.ArgumentParser(
@@ -135,13 +187,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure")
     parser.add_argument("--labels", nargs="+", default=None, help="one legend label per RUN_DIR (default: the directory names)")
     parser.add_argument("--layer", default=None, help="use the dynamics/LAYER/* tags of a DynamicsMonitor layer")
+    parser.add_argument(
+        "--escape-vs", default=None, metavar="PARAM", choices=["sigma", "lr", "init_scale"],
+        help="instead of the phase figure: escape step of each replica against its σ (sigma) or η (lr), "
+        "with Theorem 2's slope",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.labels is not None and len(args.labels) != len(args.run_dirs):
         parser.error(f"--labels: got {len(args.labels)} labels for {len(args.run_dirs)} run directories; give one per RUN_DIR.")
     labels = args.labels or [Path(d).resolve().name for d in args.run_dirs]
     try:
         runs = [load_scalars(d) for d in args.run_dirs]
-        fig = phase_figure(runs, labels, layer=args.layer)
+        fig = escape_figure(runs, labels, args.escape_vs) if args.escape_vs else phase_figure(runs, labels, layer=args.layer)
     except ReportError as err:
         parser.error(str(err))
     out = Path(args.out)

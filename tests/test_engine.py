@@ -125,3 +125,31 @@ def test_per_replica_rho_grid_equals_single_runs():
         fit(backend="torch", replicas=3, strategy=SAMStrategy(rho=[0.02, 0.1]))
     with pytest.raises(Exception, match="one ρ per replica"):
         fit(backend="autograd", strategy=SAMStrategy(rho=[0.02, 0.1]))
+
+
+def test_per_replica_sigma_grid_equals_single_runs_and_escape_report(tmp_path):
+    from lightning_lnsgd.report import escape_points, load_scalars
+    from lightning_lnsgd.report import main as report
+
+    def run(replicas, seeds, sigma, root=None):
+        model = TwoLayerLinear(dim=6, width=12, lr=0.05, replicas=replicas, replica_seeds=seeds,
+                               steps_per_batch=25, backend="torch")
+        dm = SparseTeacherDataModule(dim=6, n_train=20, seed=3)
+        logger = pl.loggers.TensorBoardLogger(root, name="", version="") if root else False
+        pl.Trainer(accelerator="cpu", max_steps=300, logger=logger, log_every_n_steps=50,
+                   callbacks=[LabelNoise(sigma=sigma, seed=1)], enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                   num_sanity_val_steps=0).fit(model, dm)
+        return model
+
+    stacked = run(2, [7, 7], [0.5, 3.0], root=tmp_path)
+    for r, sigma in enumerate([0.5, 3.0]):
+        single = run(1, [7], sigma)
+        assert close(stacked.W[r], single.W[0]) and close(stacked.a[r], single.a[0])
+    points = escape_points(load_scalars(tmp_path), "sigma")
+    assert [p[0] for p in points] == [3.0] or [p[0] for p in points] == [0.5, 3.0]
+    assert points[-1][1] == float(stacked.escape_step[1])
+    out = report([str(tmp_path), "--escape-vs", "sigma", "--out", str(tmp_path / "e.png")])
+    assert out.stat().st_size > 5000
+    with pytest.raises(ValueError, match="sigma` lists 2 values"):
+        run(3, [1, 2, 3], [0.5, 3.0])
