@@ -60,7 +60,8 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> LNSGDCLI | Any:
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=argv,
+        # From the shell, let LightningCLI read sys.argv itself (passing both makes it warn).
+        args=None if args is None else argv,
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

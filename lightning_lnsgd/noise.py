@@ -241,19 +241,26 @@ class LabelNoise(Callback):
                 "LabelNoise: the training batch did not pass through `trainer.strategy.batch_to_device`, so no"
                 " noise could be added (is `training_step` taking `dataloader_iter`? That mode is not supported)."
             )
-        if batch is None or not trainer._logger_connector.should_update_logs:
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Logged on the SGD-step grid, at TensorBoard step t = SGD steps done, like the model's
+        # dynamics tags: the values describe the last step of the batch (step index t − 1).
+        every, step, k = trainer.log_every_n_steps, trainer.global_step, self._last.get("k", 1)
+        if every <= 0 or not self._last or step // every == (step - k) // every:
             return
         # Logging step only: the reductions and host syncs below are paid once per log_every_n_steps.
         last = self._last
-        pl_module.log("label_noise/active", float(last["active"]), on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log(f"label_noise/{self.level_name}", float(last["level"]), on_step=True, on_epoch=False, batch_size=1)
+        values = {"label_noise/active": float(last["last_level"] > 0), f"label_noise/{self.level_name}": last["last_level"]}
         if self.kind == "flip":
             mask = last.get("mask")
-            frac = mask.float().mean() if mask is not None else 0.0
-            pl_module.log("label_noise/flipped_frac", frac, on_step=True, on_epoch=False, batch_size=1)
+            values["label_noise/flipped_frac"] = float(mask.float().mean()) if mask is not None else 0.0
             labels = last.get("labels")
             if labels is not None:
                 self._check_class_range(labels)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"counter": self.counter, "seed": self.seed, "kind": self.kind}
@@ -304,7 +311,7 @@ class LabelNoise(Callback):
         base = _steps_done(module, trainer)
         steps = [base + i for i in range(k)]
         levels = [self.level_at(s) for s in steps]
-        self._last = {"active": any(lv > 0 for lv in levels), "level": levels[0]}
+        self._last = {"active": any(lv > 0 for lv in levels), "level": levels[0], "last_level": levels[-1], "k": k}
 
         path, labels = _locate(batch, self.target)
         if not self._checked:

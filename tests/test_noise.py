@@ -308,9 +308,10 @@ def test_logging_at_log_steps(tmp_path):
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
     rows = [r for r in rows if r.get("label_noise/active")]
     steps = [int(r["step"]) for r in rows]
-    assert steps == [2, 5, 8, 11, 14]
+    # TensorBoard step t = SGD steps done (as the model's dynamics tags); values of the step that ended at t.
+    assert steps == [3, 6, 9, 12, 15]
     for r in rows:
-        step = int(r["step"])
+        step = int(r["step"]) - 1  # index of the last SGD step before the log
         assert float(r["label_noise/active"]) == float(cb.level_at(step) > 0)
         assert float(r["label_noise/flip_prob"]) == pytest.approx(cb.level_at(step))
         seen = dict(model.train_seen)[step][1]
