@@ -14,6 +14,12 @@ Per step (batch of ``B``, the ``b`` loop unrolled at compile time)::
 
 Size limit (registers): ``BM · BD ≤ 32768`` in float32 and ``≤ 16384`` in float64 (m = 1000, d = 20 → 1024 × 32
 fits in float32); ``B ≤ 64``. Larger problems raise ``ValueError``: use ``backend="torch"``.
+
+Measured on one H200 (triton 3.6, torch 2.11, paper size, float32, B = 1): one run ≈ 197k steps/s (num_warps 16;
+8: 189k, 32: 169k, 4: 16k); 132, 264 or 528 runs ≈ 25M replica-steps/s. The yardstick's hand-written kernel reached
+about 700k steps/s and 90M replica-steps/s, so there is headroom (≈ 5 µs a step here: the per-step reductions and
+layout conversions dominate). Tried and dropped: loading x straight into W's register layout (broadcast over rows)
+to avoid the conversion: 3-9x slower.
 """
 
 from __future__ import annotations
