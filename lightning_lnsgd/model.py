@@ -48,7 +48,6 @@ class TwoLayerLinear(pl.LightningModule):
             ``"triton"``: the fused closed-form path on that backend; ``"auto"``: the generic path
             for one unstacked network with ``steps_per_batch=1``, else the fused path on the
             fastest backend for the device (triton on CUDA, numba on CPU, torch otherwise).
-        cuda_graph: capture the fused torch loop in a CUDA graph (torch backend on CUDA only).
         log_replicas: per-replica tags (``…/r3``) are written when K ≤ this; the mean over
             replicas is always written under the plain tag.
 
@@ -76,7 +75,6 @@ class TwoLayerLinear(pl.LightningModule):
         replica_seeds: list[int] | None = None,
         steps_per_batch: int = 1,
         backend: Backend = "auto",
-        cuda_graph: bool = False,
         log_replicas: int = 16,
     ) -> None:
         super().__init__()
