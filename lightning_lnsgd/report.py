@@ -113,8 +113,12 @@ def phase_figure(
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
+    from matplotlib.ticker import FuncFormatter
+
+    steps_fmt = FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}")
     for ax in axes[-1]:
         ax.set_xlabel("SGD steps")
+        ax.xaxis.set_major_formatter(steps_fmt)
     for ax in axes.flat:  # the legend goes in the first panel that has a line of every run
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
