@@ -265,3 +265,13 @@ def test_digits_datamodule():
     assert x.shape == (32, 1, 8, 8) and y.shape == (32,) and int(y.max()) <= 9
     xs = torch.cat([b[0] for b in dm.val_dataloader()])
     assert abs(float(xs.mean())) < 0.2 and 0.8 < float(xs.std()) < 1.2  # normalised with the train statistics
+
+
+def test_digits_config_runs(tmp_path):
+    pytest.importorskip("sklearn")
+    cli = main(["fit", "--config", str(CONFIGS / "digits_label_noise.yaml"), *FAST,
+                "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 3
+    assert cli.model.input_shape == [1, 8, 8] and cli.model.num_classes == 10
+    lazy = next(c for c in cli.trainer.callbacks if type(c).__name__ == "Laziness")
+    assert lazy.probe.shape == (64, 1, 8, 8) and lazy.last  # step 0 evaluated and logged
