@@ -457,7 +457,9 @@ class PruningCurve(Callback):
         try:
             for dl_idx, loader in enumerate(loaders):
                 for batch_idx, batch in enumerate(loader):
-                    batch = trainer.strategy.batch_to_device(batch, pl_module.device, dataloader_idx=dl_idx)
+                    # The module's own transfer hooks, not strategy.batch_to_device: LabelNoise wraps that one
+                    # for the whole fit, and the pruned model must be scored on clean labels.
+                    batch = pl_module._apply_batch_transfer_handler(batch, pl_module.device, dataloader_idx=dl_idx)
                     capture.batch = batch
                     if len(loaders) > 1:
                         pl_module.validation_step(batch, batch_idx, dl_idx)

@@ -192,9 +192,6 @@ def test_image_classifier_with_label_noise_dynamics_pruning(cifar_root, tmp_path
     assert trainer.optimizers[0].param_groups[0]["lr"] < 0.1
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "PruningCurve evaluates at on_fit_end through trainer.strategy.batch_to_device while trainer.training is still "
-    "True, so LabelNoise flips the validation labels it scores and advances its counter (callbacks.py/noise.py)"))
 def test_pruning_curve_at_fit_end_sees_clean_labels(cifar_root, tmp_path):
     dm = CIFAR10DataModule(data_dir=str(cifar_root), batch_size=4, num_workers=0)
     model = ImageClassifier(backbone="mlp", hidden=[8], lr=1e-9)  # does not move: the pruning pass must agree
