@@ -98,6 +98,10 @@ class GaussianMixtureDataModule(LightningDataModule):
         self.setup()
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The validation points (with their labels, which ``predict_step`` ignores)."""
+        return self.val_dataloader()
+
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 

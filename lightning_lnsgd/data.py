@@ -156,6 +156,10 @@ class SparseTeacherDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> _FullBatch:
         return _FullBatch(self.x_test, self.y_test)
 
+    def predict_dataloader(self) -> _FullBatch:
+        """The test inputs, one batch (``predict`` returns the model's predictions on them)."""
+        return _FullBatch(self.x_test)
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, _Draw):
             layout = None

@@ -36,13 +36,7 @@ class FusedEngine:
     """Runs the fused closed-form steps of one :class:`TwoLayerLinear` inside a Lightning fit."""
 
     def __init__(self, model: TwoLayerLinear) -> None:
-        trainer = model.trainer
-        if trainer.world_size > 1:
-            raise ValueError(
-                f"TwoLayerLinear: the fused path (backend={model.hparams.backend!r}, replicas="
-                f"{model.hparams.replicas!r}, steps_per_batch={model.steps_per_batch}) runs on one device; "
-                f"got world_size={trainer.world_size}. Use backend='autograd' for DDP, or stack the runs as replicas."
-            )
+        trainer = model.trainer  # world_size > 1 is refused in TwoLayerLinear.setup
         self.model = model
         self.backend = kernels.resolve_backend(
             "auto" if model.hparams.backend == "auto" else model.hparams.backend, model.W.device

@@ -163,7 +163,19 @@ class TwoLayerLinear(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.log("val/loss", F.half_mse(self.W, self.a, x.to(self.W.dtype), y.to(self.W.dtype)).mean())
+        loss = F.half_mse(self.W, self.a, x.to(self.W.dtype), y.to(self.W.dtype)).mean()
+        # Lightning would log at its batch counter; during fit the loggers get it at the SGD step
+        # (on_validation_epoch_end), so that it lines up with the dynamics tags on the fused path too.
+        self.log("val/loss", loss, logger=not self.trainer.training and self.trainer.state.fn != "fit")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and "val/loss" in self.trainer.callback_metrics:
+            self._log_scalars({"val/loss": float(self.trainer.callback_metrics["val/loss"])}, self.global_step)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Predictions ŷ for the inputs of ``batch`` (a tensor or a tuple whose first item is x)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x.to(self.W.dtype))
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -175,6 +187,15 @@ class TwoLayerLinear(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.0, weight_decay=0.0)
 
     # -- lifecycle -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Checked before the strategy wraps the module: DDP would fail first, with a less useful message.
+        if self.fused and stage == "fit" and self.trainer.world_size > 1:
+            raise ValueError(
+                f"TwoLayerLinear: the fused path (backend={self.hparams.backend!r}, replicas={self.hparams.replicas!r}, "
+                f"steps_per_batch={self.steps_per_batch}) runs on one device; got world_size={self.trainer.world_size}."
+                " Use backend='autograd' for DDP, or stack the runs as replicas on one device."
+            )
+
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         teacher = getattr(dm, "teacher", None)

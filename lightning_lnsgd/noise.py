@@ -36,21 +36,12 @@ from typing import Any, Literal
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 
-from lightning_lnsgd.rng import CounterRNG
+from .rng import CounterRNG, replica_stream
 
 __all__ = ["LabelNoise"]
 
 _DEFAULT_KEYS = ("y", "target", "label")
 _STREAM = "label_noise"
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(z: int) -> int:
-    """SplitMix64 finaliser on a Python int (unsigned 64-bit result)."""
-    z &= _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
 
 
 def replica_stream_seed(seed: int, replica_seed: int) -> int:
@@ -59,7 +50,7 @@ def replica_stream_seed(seed: int, replica_seed: int) -> int:
     Used by the fast-engine protocol; a run whose module declares ``([r], 1)`` as its layout
     draws exactly the noise that replica ``r`` of a stacked run draws.
     """
-    return _mix(_mix(int(seed)) ^ _mix(int(replica_seed) + 0x9E3779B97F4A7C15))
+    return replica_stream(seed, replica_seed)
 
 
 class LabelNoise(Callback):

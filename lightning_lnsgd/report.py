@@ -104,9 +104,9 @@ def phase_figure(
                     keep = [k for k, v in enumerate(values) if v > 0]
                     steps, values = [steps[k] for k in keep], [values[k] for k in keep]
                 ax.plot(steps, values, style, color=color, label=label if j == 0 else None, lw=1.3)
-            escape = scalars.get(ESCAPE_TAG)
-            if escape:  # logged once, value = the step
-                ax.axvline(escape[0][1], color=color, ls=":", lw=1.2)
+            for tag, escape in scalars.items():  # logged once, value = the step; stacked runs: one per replica
+                if escape and (tag == ESCAPE_TAG or tag.startswith(ESCAPE_TAG + "/r")):
+                    ax.axvline(escape[0][1], color=color, ls=":", lw=1.2)
         if hline is not None:
             ax.axhline(hline, color="k", lw=0.8, ls="-.")
         if logy:
@@ -123,7 +123,7 @@ def phase_figure(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
             break
-    if any(ESCAPE_TAG in r for r in runs):
+    if any(t == ESCAPE_TAG or t.startswith(ESCAPE_TAG + "/") for r in runs for t in r):
         fig.text(0.01, 0.005, "dotted vertical lines: phase/escape_step (every neuron left the lazy ball)", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return fig

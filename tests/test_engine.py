@@ -153,3 +153,10 @@ def test_per_replica_sigma_grid_equals_single_runs_and_escape_report(tmp_path):
     assert out.stat().st_size > 5000
     with pytest.raises(ValueError, match="sigma` lists 2 values"):
         run(3, [1, 2, 3], [0.5, 3.0])
+
+
+def test_fused_path_refuses_ddp_with_a_clear_message():
+    model = TwoLayerLinear(dim=3, width=4, replicas=2)
+    model.trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    with pytest.raises(ValueError, match="world_size=2. Use backend='autograd' for DDP"):
+        model.setup("fit")

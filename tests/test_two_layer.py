@@ -160,3 +160,17 @@ def test_divergence_names_step_eta_and_sigma(tmp_path):
     dm = SparseTeacherDataModule(dim=20, n_train=50)
     with pytest.raises(DivergenceError, match=r"step \d+ with η=2, σ=50.*η·σ=100"):
         _trainer(tmp_path, 500, callbacks=[LabelNoise(sigma=50.0)]).fit(model, dm)
+
+
+def test_predict_and_validation_loss_on_the_sgd_step_grid(tmp_path):
+    model = TwoLayerLinear(dim=4, width=8, lr=0.01, steps_per_batch=10, backend="torch")
+    dm = SparseTeacherDataModule(dim=4, n_train=10, n_test=6, steps_per_epoch=3)
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="", version="")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=60, logger=logger, log_every_n_steps=10,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    # One epoch = 3 Lightning steps = 30 SGD steps: val/loss lands at SGD steps 30 and 60.
+    assert set(_scalars(tmp_path)["val/loss"]) == {30, 60}
+    (pred,) = trainer.predict(model, dm)
+    torch.testing.assert_close(pred, dm.x_test @ (model.W.T @ model.a).detach())
