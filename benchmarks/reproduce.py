@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "figures"))
     parser.add_argument("--runs", default=str(ROOT / "runs" / "reproduce"))
     parser.add_argument("--only", nargs="*", default=None, help="figure names to (re)make")
+    parser.add_argument("--reuse", action="store_true", help="redraw from existing runs, fit only the missing ones")
     args = parser.parse_args(argv)
     from lightning_lnsgd.report import load_scalars
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
         for config in configs:
             if config not in done:
                 run_dir = runs / config
+                if args.reuse and run_dir.is_dir():
+                    done[config] = float("nan")
+                    continue
                 subprocess.run(["rm", "-rf", str(run_dir)], check=True)
                 done[config] = run([sys.executable, "-m", "lightning_lnsgd", "fit", "--config", f"configs/{config}.yaml",
                                     "--trainer.default_root_dir", str(run_dir)])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,25 @@ def phase_figure(
     return fig
 
 
+def expand_replicas(
+    scalars: dict[str, list[tuple[int, float]]], label: str
+) -> list[tuple[str, dict[str, list[tuple[int, float]]]]]:
+    """Splits a stacked run (tags ``…/r{k}``) into one pseudo-run per replica, labelled with the
+    replica's hyper-parameters that differ across replicas; a plain run is returned as it is."""
+    replicas = sorted({int(t.rsplit("/r", 1)[1]) for t in scalars if re.search(r"^dynamics/[^/]+/r\d+$", t)})
+    if not replicas:
+        return [(label, scalars)]
+    params = sorted({t.split("/")[1] for t in scalars if t.startswith("replica/")})
+    varying = [p for p in params if len({scalars.get(f"replica/{p}/r{k}", [(0, 0)])[0][1] for k in replicas}) > 1]
+    out = []
+    for k in replicas:
+        suffix = f"/r{k}"
+        run = {t[: -len(suffix)]: v for t, v in scalars.items() if t.endswith(suffix)}
+        names = ", ".join(f"{p}={scalars[f'replica/{p}/r{k}'][0][1]:g}" for p in varying)
+        out.append((f"{label} r{k}" + (f" ({names})" if names else ""), run))
+    return out
+
+
 def escape_points(scalars: dict[str, list[tuple[int, float]]], param: str) -> list[tuple[float, float]]:
     """``(value of replica/<param>, escape step)`` for every replica of a stacked run that escaped."""
     points = []
@@ -202,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     labels = args.labels or [Path(d).resolve().name for d in args.run_dirs]
     try:
         runs = [load_scalars(d) for d in args.run_dirs]
+        if not args.escape_vs:  # a stacked run draws one line per replica
+            pairs = [pair for label, run in zip(labels, runs) for pair in expand_replicas(run, label)]
+            labels, runs = [p[0] for p in pairs], [p[1] for p in pairs]
         fig = escape_figure(runs, labels, args.escape_vs) if args.escape_vs else phase_figure(runs, labels, layer=args.layer)
     except ReportError as err:
         parser.error(str(err))
