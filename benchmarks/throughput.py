@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     if gpu:
         add("anchor: CUDA graph of 100 closed-form steps", anchor_cuda_graph(n(50000), device))
     add("project: fit, generic autograd path", project_fit(n(3000), device, "autograd"))
-    add("project: fit, fused torch, k=1000", project_fit(n(20000), device, "torch"))
+    add("project: fit, fused torch, k=1000", project_fit(n(60000), device, "torch"))
     add(f"project: fit, fused torch, {R} replicas [replica-steps/s]", project_fit(n(2000), device, "torch", R))
     for backend in [b for b in available_backends() if b != "torch"]:
         steps = n(400_000 if backend == "triton" else 200_000)

@@ -20,6 +20,7 @@ __all__ = [
     "ntk_init",
     "predict",
     "sgd_step",
+    "sgd_step_",
 ]
 
 
@@ -62,6 +63,41 @@ def sgd_step(
     gW, ga, _ = grads(W, a, x, y)
     lr_t = torch.as_tensor(lr, dtype=W.dtype, device=W.device)
     return W - lr_t[..., None, None] * gW, a - lr_t[..., None] * ga
+
+
+def sgd_step_(W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lr: float | torch.Tensor) -> None:
+    """:func:`sgd_step` in place, for ``W`` of shape ``(m, d)`` or ``(R, m, d)``: the hot loop of the torch backend.
+
+    The same gradients as :func:`grads`, with the outer-product update fused into one
+    ``addr_``/``baddbmm_`` call (7 kernels a step instead of 11); tests check it equals :func:`sgd_step`.
+    """
+    if W.dim() not in (2, 3):
+        W_new, a_new = sgd_step(W, a, x, y, lr)
+        W.copy_(W_new), a.copy_(a_new)
+        return
+    if W.dim() == 2 and x.dim() == 2:  # one network: matrix–vector products, no broadcasting views
+        r = x @ (a @ W) - y
+        g = r @ x
+        ga = W @ g
+        step = -float(lr) / x.shape[0]  # the 1/B of the mean folded into the step
+        W.addr_(a, g, alpha=step)
+        a.add_(ga, alpha=step)
+        return
+    r = predict(W, a, x) - y
+    g = (r.unsqueeze(-2) @ x).squeeze(-2) / x.shape[-2]
+    ga = (W @ g.unsqueeze(-1)).squeeze(-1)
+    if W.dim() == 2:
+        lr_f = float(lr)
+        W.addr_(a, g, alpha=-lr_f)
+        a.add_(ga, alpha=-lr_f)
+        return
+    lr_t = torch.as_tensor(lr, dtype=W.dtype, device=W.device)
+    if lr_t.ndim == 0:
+        W.baddbmm_(a.unsqueeze(-1), g.unsqueeze(-2), alpha=-float(lr_t))
+        a.add_(ga, alpha=-float(lr_t))
+    else:
+        W.baddbmm_((a * lr_t.unsqueeze(-1)).unsqueeze(-1), g.unsqueeze(-2), alpha=-1.0)
+        a.sub_(lr_t.unsqueeze(-1) * ga)
 
 
 def balancedness(W: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -71,3 +71,15 @@ def test_ntk_init_scales_and_seed():
     assert torch.equal(W, W2) and torch.equal(a, a2)
     Ws, _ = F.ntk_init(4000, 20, init_scale=0.1, seed=3, dtype=torch.float64)
     torch.testing.assert_close(Ws.float(), W * 0.1)
+
+
+@pytest.mark.parametrize("lead,lr", [((), 0.1), ((3,), 0.1), ((3,), "per-replica")])
+def test_in_place_sgd_step_equals_pure_step(lead, lr):
+    W, a = _rand((*lead, 6, 4), 0), _rand((*lead, 6), 1)
+    x, y = _rand((*lead, 2, 4), 2), _rand((*lead, 2), 3)
+    if lr == "per-replica":
+        lr = torch.tensor([0.1, 0.02, 0.3], dtype=torch.float64)
+    W_ref, a_ref = F.sgd_step(W, a, x, y, lr)
+    F.sgd_step_(W, a, x, y, lr)
+    torch.testing.assert_close(W, W_ref, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(a, a_ref, rtol=1e-13, atol=1e-15)

@@ -133,20 +133,11 @@ def _check(W: Tensor, a: Tensor, x: Tensor, y: Tensor) -> tuple[bool, int, int, 
 
 
 def _sam_eps(W: Tensor, a: Tensor, gW: Tensor, ga: Tensor, rho: Tensor, normalize: bool, batch_dims: int):
-    try:
-        from ..sam import sam_perturbation
-    except Exception:  # pragma: no cover - the SAM module is optional for this path
-        sam_perturbation = None
+    from ..sam import sam_perturbation
+
     rho_arg: Union[float, Tensor] = rho if batch_dims else rho.reshape(())
-    if sam_perturbation is not None:
-        eW, ea = sam_perturbation([W, a], [gW, ga], rho_arg, normalize=normalize, eps=SAM_EPS, batch_dims=batch_dims)
-        return eW, ea
-    scale = rho_arg
-    if normalize:  # pragma: no cover - same formula as sam_perturbation
-        sq = gW.square().sum((-2, -1)) + ga.square().sum(-1)
-        scale = rho_arg / (sq.sqrt() + SAM_EPS)
-    s = torch.as_tensor(scale, dtype=W.dtype, device=W.device)
-    return gW * s[..., None, None], ga * s[..., None]
+    eW, ea = sam_perturbation([W, a], [gW, ga], rho_arg, normalize=normalize, eps=SAM_EPS, batch_dims=batch_dims)
+    return eW, ea
 
 
 @torch.no_grad()
@@ -168,12 +159,15 @@ def run_steps_torch(
     if not rep:
         lr_t = lr_t.reshape(())
     rho_t = None if sam_rho is None else _per_replica(sam_rho, R, W, "sam_rho")
+    lr_step: Union[float, Tensor] = lr_t if rep else float(lr_t)
     for t in range(k):
         xt, yt = x[..., t, :, :], y[..., t, :]
+        if rho_t is None:
+            F.sgd_step_(W, a, xt, yt, lr_step)
+            continue
         gW, ga, _ = F.grads(W, a, xt, yt)
-        if rho_t is not None:
-            eW, ea = _sam_eps(W, a, gW, ga, rho_t, sam_normalize, 1 if rep else 0)
-            gW, ga, _ = F.grads(W + eW, a + ea, xt, yt)
+        eW, ea = _sam_eps(W, a, gW, ga, rho_t, sam_normalize, 1 if rep else 0)
+        gW, ga, _ = F.grads(W + eW, a + ea, xt, yt)
         W.sub_(lr_t[..., None, None] * gW)
         a.sub_(lr_t[..., None] * ga)
 
