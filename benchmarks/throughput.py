@@ -154,6 +154,16 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
         print(f"{name:<52} {value:>14,.0f}", flush=True)
 
     print(f"{'loop (device ' + device.type + ')':<52} {'steps/s':>14}")
+    if not gpu:  # the C yardstick of ../shared/anchors (built here when gcc and the file are present)
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from kernels import bench_c
+
+        c = bench_c(n(100_000), 1 if args.quick else 3)
+        if c is not None:
+            add("yardstick: C loop (shared/anchors/limit_cpu.c)", c[0])
     add("anchor: autograd loop", anchor_autograd(n(3000), device))
     add("anchor: closed-form loop", anchor_closed_form(n(20000), device))
     add(f"anchor: closed-form, {R} stacked replicas [replica-steps/s]", anchor_closed_form(n(2000), device, R))
@@ -182,8 +192,33 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     for backend in [b for b in available_backends() if b != "torch"]:
         ratios.append((f"fused {backend} / closed-form loop", f"project: fit, fused {backend}, k=1000",
                        "anchor: closed-form loop"))
+    if "yardstick: C loop (shared/anchors/limit_cpu.c)" in value:
+        for backend in [b for b in available_backends() if b != "torch"]:
+            ratios.append((f"fused {backend} / C yardstick", f"project: fit, fused {backend}, k=1000",
+                           "yardstick: C loop (shared/anchors/limit_cpu.c)"))
+            ratios.append((f"fused {backend} {R} replicas / its one run", f"project: fit, fused {backend}, {R} replicas "
+                           "[replica-steps/s]", f"project: fit, fused {backend}, k=1000"))
     for name, num, den in ratios:
         print(f"  {name:<50} {value[num] / value[den]:6.2f}x")
+    if not args.quick:  # the paper's Fig. 2 pair from the command line, start-up included
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        start = time.perf_counter()
+        for config in ("label_noise_sgd", "sgd_clean"):
+            subprocess.run([sys.executable, "-m", "lightning_lnsgd", "fit", "--config", f"configs/{config}.yaml",
+                            "--trainer.default_root_dir", f"/tmp/lnsgd_bench/{config}",
+                            "--trainer.enable_checkpointing", "false"],
+                           cwd=root, check=True, capture_output=True)
+        print(f"\nFig. 2 pair (label_noise_sgd + sgd_clean, 200k steps each, two CLI processes): "
+              f"{time.perf_counter() - start:.1f} s wall")
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lightning_lnsgd", "fit", "--config", "configs/fig2_pair.yaml",
+                        "--trainer.default_root_dir", "/tmp/lnsgd_bench/fig2_pair", "--trainer.enable_checkpointing",
+                        "false"], cwd=root, check=True, capture_output=True)
+        print(f"Fig. 2 pair as two replicas of one run (configs/fig2_pair.yaml): {time.perf_counter() - start:.1f} s wall")
     return rows
 
 

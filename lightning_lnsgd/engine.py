@@ -100,5 +100,6 @@ class FusedEngine:
         for step, values in self._pending:
             model._log_dynamics(step, values)
         if self._pending and "train/loss" in self._pending[-1][1]:
-            model.log("loss", self._pending[-1][1]["train/loss"].mean(), prog_bar=True, logger=False)
+            # For StepProgressBar (Lightning's self.log costs ~1 ms a call, more than 1000 fused steps).
+            model.progress_metrics = {"loss": float(self._pending[-1][1]["train/loss"].mean())}
         self._pending.clear()

@@ -125,6 +125,8 @@ class TwoLayerLinear(pl.LightningModule):
         self.teacher: torch.Tensor | None = None
         self._engine: engine.FusedEngine | None = None
         self._logged_escape = torch.zeros(W.shape[:-2], dtype=torch.bool)
+        #: Extra values for :class:`~lightning_lnsgd.progress.StepProgressBar` (the fused path's latest train loss).
+        self.progress_metrics: dict[str, float] = {}
 
     # -- model ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

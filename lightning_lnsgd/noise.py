@@ -190,6 +190,14 @@ class LabelNoise(Callback):
         """
         return self.level * self.schedule_factor(step)
 
+    def _levels(self, first: int, k: int) -> list[float]:
+        """``[level_at(first), …, level_at(first + k − 1)]``; one value repeated when the schedule is flat there."""
+        last = first + k - 1
+        inside = first >= self.start_step and (self.stop_step is None or last < self.stop_step)
+        if k > 1 and inside and self.schedule in ("constant", "window"):  # the fused path's common case
+            return [self.level] * k
+        return [self.level_at(s) for s in range(first, first + k)]
+
     def schedule_factor(self, step: int) -> float:
         """The schedule's multiplier of the full level at optimizer step ``step``, in [0, 1]."""
         step = int(step)
@@ -300,8 +308,8 @@ class LabelNoise(Callback):
         module = trainer.lightning_module if trainer is not None else None
         replica_seeds, k, declared = _layout(module)
         base = _steps_done(module, trainer)
-        steps = [base + i for i in range(k)]
-        levels = [self.level_at(s) for s in steps]
+        steps = range(base, base + k)
+        levels = self._levels(base, k)
         self._last = {"active": any(lv > 0 for lv in levels), "level": levels[0], "last_level": levels[-1], "k": k}
 
         path, labels = _locate(batch, self.target)

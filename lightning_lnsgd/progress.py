@@ -46,6 +46,12 @@ class StepProgressBar(TQDMProgressBar):
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             self.train_progress_bar.refresh()
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Lightning's progress-bar metrics plus the module's ``progress_metrics`` dict, if it has one."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.update(getattr(pl_module, "progress_metrics", None) or {})
+        return metrics
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pass
 
