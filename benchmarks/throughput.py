@@ -130,12 +130,40 @@ def project_fit(steps: int, device: torch.device, backend: str, replicas: int | 
     return steps * (replicas or 1) / (time.perf_counter() - t)
 
 
+def memory_check(steps: int = 1_000_000) -> list[tuple[int, float]]:
+    """Resident set size (MiB) every 100k SGD steps of a fused fit: it must stay flat."""
+    import pytorch_lightning as pl
+
+    from lightning_lnsgd import LabelNoise, SparseTeacherDataModule, TwoLayerLinear
+
+    page = __import__("os").sysconf("SC_PAGE_SIZE")
+    samples: list[tuple[int, float]] = []
+
+    class RSS(pl.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            if trainer.global_step % 100_000 == 0:
+                with open("/proc/self/statm") as f:
+                    samples.append((trainer.global_step, int(f.read().split()[1]) * page / 2**20))
+
+    model = TwoLayerLinear(dim=D, width=M, lr=ETA, steps_per_batch=1000)
+    pl.Trainer(accelerator="cpu", max_steps=steps, logger=pl.loggers.TensorBoardLogger("/tmp/lnsgd_bench", "memory"),
+               log_every_n_steps=500, callbacks=[LabelNoise(sigma=SIGMA), RSS()], enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+               num_sanity_val_steps=0).fit(model, SparseTeacherDataModule(steps_per_epoch=100))
+    return samples
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke test, not a measurement")
     parser.add_argument("--replicas", type=int, default=None, help="stacked replicas (default 64 CPU, 4096 GPU)")
+    parser.add_argument("--memory", action="store_true", help="only: resident memory over a 1M-step fused fit")
     args = parser.parse_args(argv)
+    if args.memory:
+        for step, mib in memory_check():
+            print(f"step {step:>9,}: RSS {mib:8.1f} MiB")
+        return []
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     R = args.replicas or (4096 if gpu else 64)
