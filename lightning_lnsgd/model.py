@@ -168,7 +168,7 @@ class TwoLayerLinear(pl.LightningModule):
         loss = F.half_mse(self.W, self.a, x.to(self.W.dtype), y.to(self.W.dtype)).mean()
         # Lightning would log at its batch counter; during fit the loggers get it at the SGD step
         # (on_validation_epoch_end), so that it lines up with the dynamics tags on the fused path too.
-        self.log("val/loss", loss, logger=not self.trainer.training and self.trainer.state.fn != "fit")
+        self.log("val/loss", loss, logger=self.trainer.state.fn != "fit")
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and "val/loss" in self.trainer.callback_metrics:
