@@ -98,9 +98,9 @@ class TwoLayerLinear(pl.LightningModule):
         self.replica_seeds = None if K is None else _replica_list(replica_seeds, K, seed)
         scales = _per_replica("init_scale", init_scale, K)
         rates = _per_replica("lr", lr, K)
-        for name, values in (("init_scale", scales), ("lr", rates)):
+        for name, given, values in (("init_scale", init_scale, scales), ("lr", lr, rates)):
             if not all(math.isfinite(v) and v > 0 for v in values):
-                raise ValueError(f"TwoLayerLinear: `{name}` must be finite and > 0, got {values!r}.")
+                raise ValueError(f"TwoLayerLinear: `{name}` must be finite and > 0 (or a list of such), got {given!r}.")
         self.fused = backend != "autograd" and not (backend == "auto" and K is None and steps_per_batch == 1)
         if backend == "autograd" and (K is not None or steps_per_batch > 1):
             raise ValueError(

@@ -111,9 +111,9 @@ class LabelNoise(Callback):
         if kind not in ("rademacher", "gaussian", "flip"):
             raise ValueError(f"LabelNoise: `kind` must be 'rademacher', 'gaussian' or 'flip', got {kind!r}.")
         sigmas = sigma if isinstance(sigma, (list, tuple)) else [sigma]
-        if not sigmas or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in sigmas):
+        if not sigmas or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in sigmas):
             raise ValueError(
-                "LabelNoise: `sigma` must be a float >= 0 (the noise level in label units), or a list of them (one"
+                "LabelNoise: `sigma` must be a finite float >= 0 (the noise level in label units), or a list of them (one"
                 f" per stacked replica), got {sigma!r}."
             )
         if not isinstance(flip_prob, (int, float)) or isinstance(flip_prob, bool) or not 0.0 <= flip_prob <= 1.0:

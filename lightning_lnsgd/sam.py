@@ -218,14 +218,14 @@ class _SAMMixin:
     def _init_sam(self, rho: float | list[float], normalize: bool, adaptive: bool, bn_update: str) -> None:
         if isinstance(rho, (list, tuple)):
             # One ρ per stacked replica: only the fused TwoLayerLinear path can use it (checked at setup).
-            if not rho or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rho):
+            if not rho or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < float("inf") for r in rho):
                 raise ValueError(
-                    f"{type(self).__name__}: rho={rho!r} is not allowed; a list of ρ needs one float > 0 per replica."
+                    f"{type(self).__name__}: rho={rho!r} is not allowed; a list of ρ needs one finite float > 0 per replica."
                 )
             self.rho = [float(r) for r in rho]  # type: ignore[assignment]
             rho = 1.0
-        elif not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho > 0:
-            raise ValueError(f"{type(self).__name__}: rho={rho!r} is not allowed; rho must be a float > 0.")
+        elif not isinstance(rho, (int, float)) or isinstance(rho, bool) or not 0 < rho < float("inf"):
+            raise ValueError(f"{type(self).__name__}: rho={rho!r} is not allowed; rho must be a finite float > 0.")
         if bn_update not in ("first", "both"):
             raise ValueError(
                 f"{type(self).__name__}: bn_update={bn_update!r} is not allowed; choose 'first' (batch-norm running "

@@ -522,7 +522,7 @@ def test_fast_engine_layout_errors():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(sigma=-1.0), r"`sigma` must be a float >= 0.*-1\.0"),
+        (dict(sigma=-1.0), r"`sigma` must be a finite float >= 0.*-1\.0"),
         (dict(kind="flip", flip_prob=1.5, num_classes=3), r"`flip_prob` must be a probability in \[0, 1\], got 1\.5"),
         (dict(kind="flip", flip_prob=-0.1, num_classes=3), r"`flip_prob`.*-0\.1"),
         (dict(kind="flip", num_classes=1), r"`num_classes` must be an int >= 2.*got 1"),

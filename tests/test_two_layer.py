@@ -82,11 +82,25 @@ def test_sampling_is_uniform_with_replacement_and_seeded():
     assert torch.equal(again.sample(n=5000)[0], x)
 
 
-def test_datamodule_rejects_bad_config():
-    with pytest.raises(ValueError, match="teacher_nonzeros"):
-        SparseTeacherDataModule(dim=4, teacher_nonzeros=5)
-    with pytest.raises(ValueError, match="batch_size"):
-        SparseTeacherDataModule(batch_size=0)
+@pytest.mark.parametrize("kwargs,field", [
+    ({"dim": 4, "teacher_nonzeros": 5}, "teacher_nonzeros"), ({"teacher_nonzeros": 2.5}, "teacher_nonzeros"),
+    ({"batch_size": 0}, "batch_size"), ({"batch_size": "a"}, "batch_size"), ({"teacher_norm": float("inf")}, "teacher_norm"),
+    ({"steps_per_epoch": 0}, "steps_per_epoch"),
+])
+def test_datamodule_rejects_bad_config(kwargs, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        SparseTeacherDataModule(**kwargs)
+
+
+def test_infinite_noise_and_radius_are_rejected():
+    from lightning_lnsgd import SAMStrategy
+
+    with pytest.raises(ValueError, match="`sigma` must be a finite float"):
+        LabelNoise(sigma=float("inf"))
+    with pytest.raises(ValueError, match="rho must be a finite float"):
+        SAMStrategy(rho=float("inf"))
+    with pytest.raises(ValueError, match=r"`lr` must be finite and > 0 \(or a list of such\), got 0"):
+        TwoLayerLinear(dim=3, lr=0)
 
 
 def _weights(model):
