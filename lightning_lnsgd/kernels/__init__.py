@@ -160,11 +160,12 @@ def run_steps_torch(
         lr_t = lr_t.reshape(())
     rho_t = None if sam_rho is None else _per_replica(sam_rho, R, W, "sam_rho")
     lr_step: Union[float, Tensor] = lr_t if rep else float(lr_t)
+    if rho_t is None:
+        for xt, yt in zip(x.unbind(-3), y.unbind(-2)):  # unbind: one call for all k step views
+            F.sgd_step_(W, a, xt, yt, lr_step)
+        return
     for t in range(k):
         xt, yt = x[..., t, :, :], y[..., t, :]
-        if rho_t is None:
-            F.sgd_step_(W, a, xt, yt, lr_step)
-            continue
         gW, ga, _ = F.grads(W, a, xt, yt)
         eW, ea = _sam_eps(W, a, gW, ga, rho_t, sam_normalize, 1 if rep else 0)
         gW, ga, _ = F.grads(W + eW, a + ea, xt, yt)
