@@ -160,3 +160,15 @@ def test_fused_path_refuses_ddp_with_a_clear_message():
     model.trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     with pytest.raises(ValueError, match="world_size=2. Use backend='autograd' for DDP"):
         model.setup("fit")
+
+
+def test_triton_backend_through_fit_matches_torch_backend():
+    """The GPU kernel inside a real fit, on the CPU through Triton's interpreter (tiny sizes)."""
+    import os
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET unset")
+    ref, _ = fit(steps=30, backend="torch", replicas=2, steps_per_batch=10)
+    tri, _ = fit(steps=30, backend="triton", replicas=2, steps_per_batch=10)
+    assert close(tri.W, ref.W) and close(tri.a, ref.a)
