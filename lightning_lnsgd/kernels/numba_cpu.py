@@ -77,12 +77,44 @@ def sgd_b1(W, a, x, y, lr, P, zero):  # pragma: no cover - compiled
                 pred += ai_new * acc
 
 
+_INLINE = dict(inline="always", cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+
+
+@njit(**_INLINE)
+def _predictor(th, Wr, ar, zero):  # pragma: no cover - compiled
+    """θ = Wᵀa into ``th`` (one pass over W)."""
+    for j in range(th.shape[0]):
+        th[j] = zero
+    for i in range(Wr.shape[0]):
+        ai = ar[i]
+        for j in range(th.shape[0]):
+            th[j] += ai * Wr[i, j]
+
+
+@njit(**_INLINE)
+def _batch_gradient(out, th, xs, ys, zero):  # pragma: no cover - compiled
+    """out = (1/B) Σ_b (θᵀx_b − y_b) x_b: the gradient of ½·mean (θᵀx − y)² in θ, for ``xs`` (B, d)."""
+    d = out.shape[0]
+    B = xs.shape[0]
+    for j in range(d):
+        out[j] = zero
+    for b in range(B):
+        xb = xs[b]
+        pred = zero
+        for j in range(d):
+            pred += th[j] * xb[j]
+        res = pred - ys[b]
+        for j in range(d):
+            out[j] += res * xb[j]
+    for j in range(d):
+        out[j] = out[j] / B
+
+
 @njit(**_OPTS)
 def sgd_theta(W, a, x, y, lr, TH, G, zero):  # pragma: no cover - compiled
     """Plain SGD, any batch size. ``TH`` and ``G`` ``(R, d)`` are scratch (θ and g)."""
     R, m, d = W.shape
     k = x.shape[1]
-    B = x.shape[2]
     shared = x.shape[0] == 1
     for r in prange(R):
         xr = np.int64(0) if shared else np.int64(r)
@@ -91,25 +123,10 @@ def sgd_theta(W, a, x, y, lr, TH, G, zero):  # pragma: no cover - compiled
         ar = a[r]
         th = TH[r]
         g = G[r]
-        for j in range(d):
-            th[j] = zero
-        for i in range(m):
-            ai = ar[i]
-            for j in range(d):
-                th[j] += ai * Wr[i, j]
+        _predictor(th, Wr, ar, zero)
         for t in range(k):
+            _batch_gradient(g, th, x[xr, t], y[xr, t], zero)
             for j in range(d):
-                g[j] = zero
-            for b in range(B):
-                xb = x[xr, t, b]
-                pred = zero
-                for j in range(d):
-                    pred += th[j] * xb[j]
-                res = pred - y[xr, t, b]
-                for j in range(d):
-                    g[j] += res * xb[j]
-            for j in range(d):
-                g[j] = g[j] / B
                 th[j] = zero
             for i in range(m):
                 ai = ar[i]
@@ -129,7 +146,6 @@ def sam_theta(W, a, x, y, lr, rho, normalize, eps, TH, G, S, H, zero):  # pragma
     """SAM (normalised or not), any batch size. ``TH``, ``G``, ``S`` ``(R, d)`` and ``H`` ``(R, m)`` are scratch."""
     R, m, d = W.shape
     k = x.shape[1]
-    B = x.shape[2]
     shared = x.shape[0] == 1
     for r in prange(R):
         xr = np.int64(0) if shared else np.int64(r)
@@ -141,27 +157,12 @@ def sam_theta(W, a, x, y, lr, rho, normalize, eps, TH, G, S, H, zero):  # pragma
         g = G[r]
         s = S[r]
         h = H[r]
-        for j in range(d):
-            th[j] = zero
-        for i in range(m):
-            ai = ar[i]
-            for j in range(d):
-                th[j] += ai * Wr[i, j]
+        _predictor(th, Wr, ar, zero)
         for t in range(k):
             # --- gradient at (W, a): g = (1/B) Σ_b r_b x_b
-            for j in range(d):
-                g[j] = zero
-            for b in range(B):
-                xb = x[xr, t, b]
-                pred = zero
-                for j in range(d):
-                    pred += th[j] * xb[j]
-                res = pred - y[xr, t, b]
-                for j in range(d):
-                    g[j] += res * xb[j]
+            _batch_gradient(g, th, x[xr, t], y[xr, t], zero)
             gg = zero
             for j in range(d):
-                g[j] = g[j] / B
                 gg += g[j] * g[j]
                 s[j] = zero
             # --- pass 1: h = W g, s = Wᵀ h, ‖a‖², ‖h‖², aᵀh
@@ -186,18 +187,8 @@ def sam_theta(W, a, x, y, lr, rho, normalize, eps, TH, G, S, H, zero):  # pragma
             # --- perturbed predictor θ' = θ + c‖a‖² g + c s + c² (aᵀh) g, its gradient g'
             for j in range(d):
                 th[j] = th[j] + c * aa * g[j] + c * s[j] + c * c * ah * g[j]
+            _batch_gradient(s, th, x[xr, t], y[xr, t], zero)  # s now holds g'
             for j in range(d):
-                s[j] = zero  # s now holds g'
-            for b in range(B):
-                xb = x[xr, t, b]
-                pred = zero
-                for j in range(d):
-                    pred += th[j] * xb[j]
-                res = pred - y[xr, t, b]
-                for j in range(d):
-                    s[j] += res * xb[j]
-            for j in range(d):
-                s[j] = s[j] / B
                 th[j] = zero
             # --- pass 2: ∇W' = a' g'ᵀ, ∇a' = W' g' with W' = W + c a gᵀ, a' = a + c h; update; θ_new
             for i in range(m):
