@@ -151,6 +151,12 @@ def test_per_replica_sigma_grid_equals_single_runs_and_escape_report(tmp_path):
     assert points[-1][1] == float(stacked.escape_step[1])
     out = report([str(tmp_path), "--escape-vs", "sigma", "--out", str(tmp_path / "e.png")])
     assert out.stat().st_size > 5000
+    # The phase figure draws one line per replica, labelled by what differs between replicas.
+    from lightning_lnsgd.report import expand_replicas
+
+    labels = [label for label, _ in expand_replicas(load_scalars(tmp_path), "run")]
+    assert labels == ["run r0 (sigma=0.5)", "run r1 (sigma=3)"]
+    assert report([str(tmp_path), "--out", str(tmp_path / "p.png")]).stat().st_size > 5000
     with pytest.raises(ValueError, match="sigma` lists 2 values"):
         run(3, [1, 2, 3], [0.5, 3.0])
 
