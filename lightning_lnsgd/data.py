@@ -30,17 +30,33 @@ _DRAW = _Draw()
 
 
 class _DrawLoader:
-    """An epoch of ``length`` placeholder batches; cheap to iterate, nothing to collate."""
+    """An epoch of ``length`` placeholder batches; cheap to iterate, nothing to collate.
+
+    Resumable (Lightning's ``state_dict`` protocol): the state is the number of this epoch's
+    batches *consumed* (counted by the datamodule when it draws one, so Lightning's prefetch
+    does not shift it); a mid-epoch resume then finishes the epoch with the remaining batches.
+    """
 
     def __init__(self, length: int) -> None:
         self.length = length
+        self.consumed = 0
+        self._skip = 0
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self):
-        for _ in range(self.length):
+        skip, self._skip = self._skip, 0
+        self.consumed = skip
+        for _ in range(self.length - skip):
             yield _DRAW
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        consumed = int(state["consumed"])
+        self._skip = consumed if consumed < self.length else 0  # a finished epoch restarts whole
 
 
 class _FullBatch:
@@ -117,6 +133,7 @@ class SparseTeacherDataModule(pl.LightningDataModule):
         self.x_test, self.y_test = x_test.float(), (x_test @ teacher).float()
         self._sampler = CounterRNG(seed, stream="sampling")
         self._rank = 0
+        self._train_loader: _DrawLoader | None = None
         self._replica_sampler: tuple[tuple[int, ...], CounterRNG] | None = None
 
     # -- device placement and sampling ------------------------------------------------------
@@ -152,7 +169,8 @@ class SparseTeacherDataModule(pl.LightningDataModule):
         return self.x_train[idx], self.y_train[idx]
 
     def train_dataloader(self) -> _DrawLoader:
-        return _DrawLoader(self.steps_per_epoch)
+        self._train_loader = _DrawLoader(self.steps_per_epoch)
+        return self._train_loader
 
     def val_dataloader(self) -> _FullBatch:
         return _FullBatch(self.x_test, self.y_test)
@@ -166,6 +184,8 @@ class SparseTeacherDataModule(pl.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, _Draw):
+            if self._train_loader is not None:
+                self._train_loader.consumed += 1
             layout = None
             module = self.trainer.lightning_module if self.trainer is not None else None
             if module is not None and callable(getattr(module, "label_noise_layout", None)):

@@ -2,11 +2,13 @@
 
 import glob
 import math
+import warnings
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_lnsgd import DivergenceError, LabelNoise, SparseTeacherDataModule, TwoLayerLinear
@@ -125,9 +127,15 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
     ckpt = tmp_path / "half.ckpt"
     first.save_checkpoint(ckpt)
     model, dm, noise = fresh()
-    _trainer(tmp_path / "b", 60, callbacks=[noise]).fit(model, dm, ckpt_path=ckpt)
+    second = _trainer(tmp_path / "b", 60, callbacks=[noise])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PossibleUserWarning)  # "dataloader is not resumable" must not appear
+        second.fit(model, dm, ckpt_path=ckpt)
     resumed = _weights(model)
     assert torch.equal(resumed[0], reference[0]) and torch.equal(resumed[1], reference[1])
+    # The interrupted epoch (25 batches) is finished, not restarted: epochs end at 50 steps, as uninterrupted,
+    # so 10 batches of the last epoch were consumed at step 60.
+    assert dm._train_loader.consumed == 10
 
 
 def _scalars(root):
