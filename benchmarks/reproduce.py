@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (figure name, runs drawn together, extra report arguments)
 FIGURES = [
     ("fig2_label_noise_vs_clean", ["label_noise_sgd", "sgd_clean"], []),
+    ("fig2_label_noise_1M_steps", ["label_noise_long"], []),
     ("fig4_sam", ["sam", "sam_label_noise", "sgd_clean"], []),
     ("periodic_noise", ["periodic_noise"], []),
     ("oscillation_only", ["oscillation_only"], []),
