@@ -40,6 +40,14 @@ def half_mse(W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor)
     return 0.5 * (predict(W, a, x) - y).square().mean(-1)
 
 
+def _theta_grad(
+    W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, r)``: residuals r = ŷ − y and g = xᵀr / B, the loss gradient with respect to θ = Wᵀa."""
+    r = predict(W, a, x) - y
+    return (r.unsqueeze(-2) @ x).squeeze(-2) / x.shape[-2], r
+
+
 def grads(
     W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,8 +56,7 @@ def grads(
     With residuals r = ŷ − y and g = xᵀr / B (the gradient with respect to θ):
     ∇_W = a gᵀ (outer product, ``(..., m, d)``), ∇_a = W g (``(..., m)``).
     """
-    r = predict(W, a, x) - y
-    g = (r.unsqueeze(-2) @ x).squeeze(-2) / x.shape[-2]
+    g, r = _theta_grad(W, a, x, y)
     return a.unsqueeze(-1) * g.unsqueeze(-2), (W @ g.unsqueeze(-1)).squeeze(-1), r
 
 
@@ -83,8 +90,7 @@ def sgd_step_(W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         W.addr_(a, g, alpha=step)
         a.add_(ga, alpha=step)
         return
-    r = predict(W, a, x) - y
-    g = (r.unsqueeze(-2) @ x).squeeze(-2) / x.shape[-2]
+    g, _ = _theta_grad(W, a, x, y)
     ga = (W @ g.unsqueeze(-1)).squeeze(-1)
     if W.dim() == 2:
         lr_f = float(lr)
