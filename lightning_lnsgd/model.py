@@ -12,7 +12,7 @@ from torch import nn
 
 from . import functional as F
 from . import engine
-from .metrics import two_layer_dynamics
+from .metrics import lazy_distance, two_layer_dynamics
 
 __all__ = ["TwoLayerLinear", "DivergenceError"]
 
@@ -110,6 +110,7 @@ class TwoLayerLinear(pl.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = not self.fused
         self.steps_per_batch = int(steps_per_batch)
+        self.init_scales = scales  # α per replica (one value without replicas)
 
         if K is None:
             W, a = F.ntk_init(width, dim, scales[0], seed)
@@ -216,8 +217,7 @@ class TwoLayerLinear(pl.LightningModule):
             self._log_dynamics(0)
             if self.replica_seeds is not None:
                 table = {f"replica/lr/r{k}": float(v) for k, v in enumerate(self.lr_per_replica)}
-                table.update({f"replica/init_scale/r{k}": float(v) for k, v in enumerate(_per_replica(
-                    "init_scale", self.hparams.init_scale, len(self.replica_seeds)))})
+                table.update({f"replica/init_scale/r{k}": v for k, v in enumerate(self.init_scales)})
                 for cb in self.trainer.callbacks:  # a LabelNoise σ grid, for the escape-vs-σ report
                     if isinstance(getattr(cb, "sigma", None), list):
                         table.update({f"replica/sigma/r{k}": float(v) for k, v in enumerate(cb.sigma)})
@@ -246,8 +246,6 @@ class TwoLayerLinear(pl.LightningModule):
     @torch.no_grad()
     def update_escape(self, step: int) -> None:
         """Records ``step`` for replicas that are outside the lazy ball for the first time (no host sync)."""
-        from .metrics import lazy_distance
-
         left = (lazy_distance(self.W, self.W0) > 1.0) & (self.escape_step < 0)
         self.escape_step.copy_(torch.where(left, torch.full_like(self.escape_step, step), self.escape_step))
 
