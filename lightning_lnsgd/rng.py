@@ -79,10 +79,6 @@ class CounterRNG:
         self.counter = 0
         self._key_cache: dict[torch.device, torch.Tensor] = {}
 
-    @property
-    def num_replicas(self) -> int:
-        return len(self.keys)
-
     def _key_tensor(self, device: torch.device) -> torch.Tensor:
         key = self._key_cache.get(device)
         if key is None:

@@ -26,7 +26,6 @@ changes results only at the rounding level, like any other summation order, and 
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -203,11 +202,6 @@ def sam_theta(W, a, x, y, lr, rho, normalize, eps, TH, G, S, H, zero):  # pragma
                     Wr[i, j] = wn
                     th[j] += ai_new * wn
                 ar[i] = ai_new
-
-
-def numba_threads() -> int:
-    """Number of threads numba's ``prange`` uses."""
-    return numba.get_num_threads()
 
 
 def run(W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool) -> None:
