@@ -2,11 +2,12 @@
 
 Per Lightning step the datamodule has drawn the samples of all k steps (and all replicas) and the
 :class:`~lightning_lnsgd.noise.LabelNoise` callback has noised their targets, following the
-module's ``label_noise_layout()``. The engine cuts the k steps into chunks that end on the
-escape-check and logging grids, runs each chunk with :func:`lightning_lnsgd.kernels.run_steps`
-(torch, numba or triton), and records, on the device and without a host sync, the escape step
-and a snapshot of the dynamics at each logging step. Snapshots are written to the loggers once
-the Lightning step is over, so the only host syncs are one per Lightning step.
+module's ``label_noise_layout()``. The engine runs the k steps with one call of
+:func:`lightning_lnsgd.kernels.run_steps` (torch, numba or triton) that keeps a copy of the weights at
+each step of the escape-check and logging grids, and records from those copies, on the device and
+without a host sync, the escape step and the dynamics at each logging step. :meth:`FusedEngine.flush`
+(called by the model at the end of its training step) writes them to the loggers: the only host syncs are
+one per Lightning step.
 """
 
 from __future__ import annotations
@@ -56,37 +57,59 @@ class FusedEngine:
             self.sam_rho = torch.tensor(self.sam_rho, dtype=model.W.dtype, device=model.W.device)
         lr = model.lr_per_replica
         self.lr: float | torch.Tensor = float(lr) if lr.ndim == 0 else lr
-        self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self._pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
         self._checked_at: int | None = None
+
+    #: Upper bound on the weight snapshots one kernel call keeps (bytes); more marks mean more calls.
+    SNAPSHOT_BYTES = 64 * 2**20
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Runs the ``k = x.shape[-3]`` SGD steps of one batch and advances ``global_step`` by k."""
+        """Runs the ``k = x.shape[-3]`` SGD steps of one batch and advances ``global_step`` by k.
+
+        The steps on the escape-check and logging grids inside the batch are the kernel's snapshot steps: one
+        kernel call covers all k steps (several only when the snapshots would exceed :attr:`SNAPSHOT_BYTES`).
+        """
         model, trainer = self.model, self.model.trainer
         k = x.shape[-3]
         start = trainer.global_step
         every = trainer.log_every_n_steps
         check = model.escape_every()
         W, a = model.W.detach(), model.a.detach()
+        marks = set(range(check - start % check, k + 1, check))
+        if every > 0:
+            marks.update(range(every - start % every, k + 1, every))
+        per_call = max(1, self.SNAPSHOT_BYTES // ((W.numel() + a.numel()) * W.element_size()))
+        ordered = sorted(marks)
+        groups = [ordered[i : i + per_call] for i in range(0, len(ordered), per_call)] or [[]]
         pos = 0
-        while pos < k:
-            step = start + pos
-            stop = min(start + k, (step // check + 1) * check)
-            if every > 0:
-                stop = min(stop, (step // every + 1) * every)
-            n = stop - step
-            kernels.run_steps(
-                W, a, x[..., pos : pos + n, :, :], y[..., pos : pos + n, :], self.lr,
+        for n, group in enumerate(groups):
+            end = k if n == len(groups) - 1 else group[-1]
+            out = kernels.run_steps(
+                W, a, x[..., pos:end, :, :], y[..., pos:end, :], self.lr,
                 sam_rho=self.sam_rho, sam_normalize=self.sam_normalize, backend=self.backend,
+                snapshots=[t - pos for t in group] if group else None,
             )
-            pos += n
-            if stop % check == 0:
-                model.update_escape(stop)
-                self._checked_at = stop
-            if every > 0 and stop % every == 0:
-                self._pending.append((stop, model.dynamics()))
+            if out is not None:
+                self._record([start + t for t in group], *out, check, every)
+            pos = end
         # Lightning counts optimizer steps; the fused steps are the run's SGD steps.
         trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_by(k)
+
+    def _record(self, steps: list[int], Ws: torch.Tensor, As: torch.Tensor, check: int, every: int) -> None:
+        """Escape check and dynamics of the snapshots ``Ws``, ``As`` taken at ``steps`` (kept on device)."""
+        model = self.model
+        at_check = [i for i, s in enumerate(steps) if s % check == 0]
+        if at_check:  # the check steps are evenly spaced by `check`
+            idx = torch.tensor(at_check, device=Ws.device) if len(at_check) < len(steps) else None
+            model.update_escape(steps[at_check[0]], check, Ws if idx is None else Ws.index_select(0, idx))
+            self._checked_at = steps[at_check[-1]]
+        at_log = [i for i, s in enumerate(steps) if every > 0 and s % every == 0]
+        if at_log:
+            if len(at_log) < len(steps):
+                idx = torch.tensor(at_log, device=Ws.device)
+                Ws, As = Ws.index_select(0, idx), As.index_select(0, idx)
+            self._pending.append(([steps[i] for i in at_log], model.dynamics(Ws, As)))
 
     def flush(self) -> None:
         """Writes the snapshots and escapes of the last Lightning step (host syncs happen here)."""
@@ -95,9 +118,9 @@ class FusedEngine:
             model.check_finite(self._checked_at)
             model.log_new_escapes()
             self._checked_at = None
-        for step, values in self._pending:
-            model._log_dynamics(step, values)
+        for steps, values in self._pending:
+            model._log_dynamics_at(steps, values)
         if self._pending and "train/loss" in self._pending[-1][1]:
             # For StepProgressBar (Lightning's self.log costs ~1 ms a call, more than 1000 fused steps).
-            model.progress_metrics = {"loss": float(self._pending[-1][1]["train/loss"].mean())}
+            model.progress_metrics = {"loss": float(self._pending[-1][1]["train/loss"][-1].mean())}
         self._pending.clear()

@@ -157,6 +157,8 @@ class TwoLayerLinear(pl.LightningModule):
         if self.fused:
             assert self._engine is not None
             self._engine.run(x, y)
+            # Before the callbacks' on_train_batch_end, so that a progress bar shows this step's loss.
+            self._engine.flush()
             return None
         loss = F.half_mse(self.W, self.a, x, y)
         if loss.device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked periodically
@@ -225,9 +227,7 @@ class TwoLayerLinear(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.fused:
-            assert self._engine is not None
-            self._engine.flush()
-            return
+            return  # the engine logged in training_step
         step = self.global_step
         if step % self.escape_every() == 0:
             self.check_finite(step)
@@ -244,10 +244,19 @@ class TwoLayerLinear(pl.LightningModule):
         return min(ESCAPE_RESOLUTION, every) if every > 0 else ESCAPE_RESOLUTION
 
     @torch.no_grad()
-    def update_escape(self, step: int) -> None:
-        """Records ``step`` for replicas that are outside the lazy ball for the first time (no host sync)."""
-        left = (lazy_distance(self.W, self.W0) > 1.0) & (self.escape_step < 0)
-        self.escape_step.copy_(torch.where(left, torch.full_like(self.escape_step, step), self.escape_step))
+    def update_escape(self, step: int, every: int = 1, W: torch.Tensor | None = None) -> None:
+        """Records the escape step of replicas that are outside the lazy ball for the first time (no host sync).
+
+        ``W`` holds the weights at ``S`` check steps ``step, step + every, …`` (shape ``(S,) + W.shape``); by default
+        the current weights at ``step``. A replica still inside the ball gets the first of them at which it is out.
+        """
+        Ws = self.W.unsqueeze(0) if W is None else W
+        left = lazy_distance(Ws, self.W0) > 1.0  # (S,) + replica axes
+        steps = step + every * torch.arange(len(Ws), device=left.device)
+        steps = steps.reshape((-1,) + (1,) * (left.ndim - 1))
+        first = torch.where(left, steps, torch.iinfo(torch.int64).max).amin(0)
+        new = left.any(0) & (self.escape_step < 0)
+        self.escape_step.copy_(torch.where(new, first, self.escape_step))
 
     def log_new_escapes(self) -> None:
         """Logs ``phase/escape_step`` (``…/r{k}`` per replica) once per replica, at the escape step."""
@@ -271,30 +280,39 @@ class TwoLayerLinear(pl.LightningModule):
         return self.teacher if self.teacher is not None else torch.zeros_like(self.W0[..., 0, :])
 
     @torch.no_grad()
-    def dynamics(self) -> dict[str, torch.Tensor]:
-        """Current values of every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``), on device.
+    def dynamics(self, W: torch.Tensor | None = None, a: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Values of every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``), on device.
 
-        With replicas each value has shape ``(K,)``.
+        Of the current weights by default, else of ``W`` and ``a`` (extra leading axes allowed, e.g. snapshots).
+        With replicas each value has shape ``(…, K)``.
         """
-        values = {f"dynamics/{k}": v for k, v in two_layer_dynamics(self.W, self.a, self.W0, self._teacher_or_zero()).items()}
+        W = self.W if W is None else W
+        a = self.a if a is None else a
+        values = {f"dynamics/{k}": v for k, v in two_layer_dynamics(W, a, self.W0, self._teacher_or_zero()).items()}
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "x_train"):
-            dt = self.W.dtype
-            values["train/loss"] = F.half_mse(self.W, self.a, dm.x_train.to(dt), dm.y_train.to(dt))
-            values["test/loss"] = F.half_mse(self.W, self.a, dm.x_test.to(dt), dm.y_test.to(dt))
+            dt = W.dtype
+            values["train/loss"] = F.half_mse(W, a, dm.x_train.to(dt), dm.y_train.to(dt))
+            values["test/loss"] = F.half_mse(W, a, dm.x_test.to(dt), dm.y_test.to(dt))
         return values
 
-    def _log_dynamics(self, step: int, values: dict[str, torch.Tensor] | None = None) -> None:
-        values = self.dynamics() if values is None else values
-        flat: dict[str, float] = {}
-        for tag, v in values.items():
-            v = v.detach().double().cpu()
-            if not bool(torch.isfinite(v).all()):
-                self._raise_divergence(step)
-            flat[tag] = float(v.mean())
-            if v.ndim and len(v) <= self.hparams.log_replicas:
-                flat.update({f"{tag}/r{k}": float(x) for k, x in enumerate(v)})
-        self._log_scalars(flat, step)
+    def _log_dynamics(self, step: int) -> None:
+        self._log_dynamics_at([step], {tag: v.unsqueeze(0) for tag, v in self.dynamics().items()})
+
+    def _log_dynamics_at(self, steps: list[int], values: dict[str, torch.Tensor]) -> None:
+        """Logs ``values`` (each ``(len(steps), …)``) at ``steps``: one device-to-host copy per tag."""
+        host = {tag: v.detach().double().cpu() for tag, v in values.items()}
+        finite = torch.stack([torch.isfinite(v).reshape(len(steps), -1).all(1) for v in host.values()]).all(0)
+        if not bool(finite.all()):
+            self._raise_divergence(steps[int(torch.nonzero(~finite)[0])])
+        for i, step in enumerate(steps):
+            flat: dict[str, float] = {}
+            for tag, v in host.items():
+                vi = v[i]
+                flat[tag] = float(vi.mean())
+                if vi.ndim and len(vi) <= self.hparams.log_replicas:
+                    flat.update({f"{tag}/r{k}": float(x) for k, x in enumerate(vi.tolist())})
+            self._log_scalars(flat, step)
 
     def _log_scalars(self, values: dict[str, float], step: int) -> None:
         for logger in self.loggers:

@@ -245,21 +245,29 @@ class LabelNoise(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Logged on the SGD-step grid, at TensorBoard step t = SGD steps done, like the model's
-        # dynamics tags: the values describe the last step of the batch (step index t − 1).
-        every, step, k = trainer.log_every_n_steps, trainer.global_step, self._last.get("k", 1)
-        if every <= 0 or not self._last or step // every == (step - k) // every:
+        # dynamics tags: the values at t describe SGD step t − 1 (with k steps per batch, the row
+        # of that step in the batch, so the fused path logs what k = 1 would).
+        every, last = trainer.log_every_n_steps, self._last
+        if every <= 0 or not last:
             return
-        # Logging step only: the reductions and host syncs below are paid once per log_every_n_steps.
-        last = self._last
-        values = {"label_noise/active": float(last["last_level"] > 0), f"label_noise/{self.level_name}": last["last_level"]}
-        if self.kind == "flip":
-            mask = last.get("mask")
-            values["label_noise/flipped_frac"] = float(mask.float().mean()) if mask is not None else 0.0
-            labels = last.get("labels")
-            if labels is not None:
-                self._check_class_range(labels)
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=step)
+        base, k = last["base"], last["k"]
+        grid = range(base + every - base % every, base + k + 1, every)
+        if not grid:
+            return
+        # Logging steps only: the reductions and host syncs below are paid once per log_every_n_steps.
+        if self.kind == "flip" and last.get("labels") is not None:
+            self._check_class_range(last["labels"])
+        for t in grid:
+            row = t - 1 - base
+            level = last["levels"][row]
+            values = {"label_noise/active": float(level > 0), f"label_noise/{self.level_name}": level}
+            if self.kind == "flip":
+                mask, axis = last.get("mask"), last.get("step_axis")
+                if mask is not None and axis is not None:
+                    mask = mask.select(axis, row)
+                values["label_noise/flipped_frac"] = float(mask.float().mean()) if mask is not None else 0.0
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=t)
 
     def state_dict(self) -> dict[str, Any]:
         return {"counter": self.counter, "seed": self.seed, "kind": self.kind}
@@ -310,7 +318,7 @@ class LabelNoise(Callback):
         base = _steps_done(module, trainer)
         steps = range(base, base + k)
         levels = self._levels(base, k)
-        self._last = {"active": any(lv > 0 for lv in levels), "level": levels[0], "last_level": levels[-1], "k": k}
+        self._last = {"active": any(lv > 0 for lv in levels), "levels": levels, "base": base, "k": k}
 
         path, labels = _locate(batch, self.target)
         if not self._checked:
@@ -319,6 +327,7 @@ class LabelNoise(Callback):
         if labels.device.type == "cpu" and self.kind == "flip":
             self._check_class_range(labels)  # cheap on CPU; on accelerators done at logging steps (a sync)
         lead = ((0 if replica_seeds is None else 1) + 1) if declared else 0  # leading (R?, k) dims of the label
+        self._last["step_axis"] = lead - 1 if lead else None
         _check_layout_shape(labels, replica_seeds, k, lead, path)
 
         rng = self._rng(replica_seeds, 0 if trainer is None else trainer.global_rank)

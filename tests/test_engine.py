@@ -104,6 +104,25 @@ def test_fused_logging_grid_and_per_replica_tags(tmp_path):
     assert final["dynamics/norm_sq_mean"].shape == (2,)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=pytest.mark.skipif(
+    "numba" not in available_backends(), reason="numba not installed"))])
+def test_fused_path_logs_what_the_generic_path_logs(tmp_path, backend):
+    """Same tags, steps and values (escape step included) whether one or 40 SGD steps run per Lightning step."""
+    runs = {}
+    for name, kw in (("generic", dict(backend="autograd")), ("fused", dict(backend=backend, steps_per_batch=40))):
+        root = tmp_path / name
+        logger = pl.loggers.TensorBoardLogger(root, name="", version="")
+        model, _ = fit(steps=130, noise=4.0, lr=0.05, logger=logger, every=30, root=root, **kw)
+        runs[name] = (model, _scalars(root))
+    (generic, g), (fused, f) = runs["generic"], runs["fused"]
+    assert int(generic.escape_step) > 0 and int(fused.escape_step) == int(generic.escape_step)
+    assert set(f) == set(g) and "phase/escape_step" in f
+    for tag in g:
+        assert set(f[tag]) == set(g[tag]), tag
+        for step, value in g[tag].items():
+            assert f[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-6), (tag, step)
+
+
 def test_fused_path_configuration_errors():
     with pytest.raises(ValueError, match="backend='autograd' runs one unstacked network"):
         TwoLayerLinear(dim=3, replicas=2, backend="autograd")

@@ -163,6 +163,40 @@ def test_numba_non_contiguous_and_zero_gradient():
     assert torch.equal(Z, torch.zeros_like(W)) and torch.equal(z, torch.zeros_like(a))
 
 
+def _snapshot_backends():
+    out = [pytest.param("torch", "cpu")]
+    out.append(pytest.param("numba", "cpu", marks=needs_numba))
+    out.append(pytest.param("triton", TRITON_DEVICE, marks=needs_triton))
+    return out
+
+
+@pytest.mark.parametrize("backend,device", _snapshot_backends())
+@pytest.mark.parametrize("mode,B", [("sgd", 1), ("sgd", 3), ("sam", 1)])
+def test_snapshots_are_the_weights_after_those_steps(backend, device, mode, B):
+    """run_steps(snapshots=[t…]) returns the weights a run of exactly t steps ends with, and leaves the end unchanged."""
+    rho, norm = MODES[mode]
+    k = 40 if backend == "triton" and device == "cpu" else 300
+    W, a, x, y, lr = problem(2, 16, 5, k, B, torch.float64, device=device)
+    snaps = [1, k // 3, k // 2 + 1, k]
+    Wk, ak = W.clone(), a.clone()
+    Ws, As = K.run_steps(Wk, ak, x, y, lr, sam_rho=rho, sam_normalize=norm, backend=backend, snapshots=snaps)
+    assert Ws.shape == (len(snaps),) + W.shape and As.shape == (len(snaps),) + a.shape
+    for i, t in enumerate(snaps):
+        Wr, ar = reference(W.cpu(), a.cpu(), x[:, :t].cpu(), y[:, :t].cpu(), lr.cpu(), rho, norm)
+        assert rel(Ws[i].cpu(), Wr) <= 1e-12 and rel(As[i].cpu(), ar) <= 1e-12, f"snapshot after {t} steps"
+    Wp, ap = W.clone(), a.clone()
+    K.run_steps(Wp, ap, x, y, lr, sam_rho=rho, sam_normalize=norm, backend=backend)
+    assert rel(Wk.cpu(), Wp.cpu()) <= 1e-12 and rel(ak.cpu(), ap.cpu()) <= 1e-12
+    assert torch.equal(Ws[-1], Wk)
+
+
+@pytest.mark.parametrize("snaps", [[0], [5, 5], [7, 3], [301]])
+def test_snapshots_must_increase_within_the_run(snaps):
+    W, a, x, y, lr = problem(1, 4, 2, 300, 1, torch.float64)
+    with pytest.raises(ValueError, match="snapshots must increase strictly within 1..k=300"):
+        K.run_steps(W, a, x, y, lr, backend="torch", snapshots=snaps)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # triton (CUDA, or the CPU interpreter)
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ Backends:
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
@@ -184,7 +185,8 @@ def run_steps(
     sam_rho: Optional[Union[float, Tensor]] = None,
     sam_normalize: bool = True,
     backend: str = "auto",
-) -> None:
+    snapshots: Optional[Sequence[int]] = None,
+) -> Optional[tuple[Tensor, Tensor]]:
     """Run ``k`` SGD (or SAM) steps of the two-layer linear model in place (see the module docstring for the math).
 
     Args:
@@ -197,14 +199,50 @@ def run_steps(
         sam_rho: ``None`` for plain SGD; else the SAM radius ρ, a float or ``(R,)``.
         sam_normalize: SAM's ε = ρ g/(‖g‖ + 1e-12) (True) or ε = ρ g (False).
         backend: ``"auto"``, ``"torch"``, ``"numba"`` or ``"triton"``.
+        snapshots: step counts ``0 < t₁ < t₂ < … ≤ k``: after ``tᵢ`` of the ``k`` steps, a copy of the weights is
+            kept. The numba kernel copies them inside its step loop (one call for all k steps); the other backends
+            run the steps between two snapshots as separate calls.
+
+    Returns:
+        ``None`` without ``snapshots``; else ``(Ws, As)``, the weights after each snapshot step, with shapes
+        ``(S,) + W.shape`` and ``(S,) + a.shape`` (S = ``len(snapshots)``).
     """
     rep, R, k, B, m, d = _check(W, a, x, y)
     be = resolve_backend(backend, W.device)
+    if snapshots is not None:
+        snaps = [int(t) for t in snapshots]
+        if any(not 0 < t <= k for t in snaps) or any(b <= a_ for a_, b in zip(snaps, snaps[1:])):
+            raise ValueError(f"run_steps: snapshots must increase strictly within 1..k={k}, got {snaps}.")
+        Ws = W.new_empty((len(snaps),) + tuple(W.shape))
+        As = a.new_empty((len(snaps),) + tuple(a.shape))
+        if be == "numba" and snaps:
+            _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, snaps, Ws, As)
+            return Ws, As
+        prev = 0
+        for i, t in enumerate(snaps):
+            run_steps(W, a, x[..., prev:t, :, :], y[..., prev:t, :], lr,
+                      sam_rho=sam_rho, sam_normalize=sam_normalize, backend=be)
+            Ws[i].copy_(W)
+            As[i].copy_(a)
+            prev = t
+        run_steps(W, a, x[..., prev:, :, :], y[..., prev:, :], lr,
+                  sam_rho=sam_rho, sam_normalize=sam_normalize, backend=be)
+        return Ws, As
     if k == 0:
-        return
+        return None
     if be == "torch":
         run_steps_torch(W, a, x, y, lr, sam_rho=sam_rho, sam_normalize=sam_normalize)
-        return
+        return None
+    _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize)
+    return None
+
+
+def _run_compiled(
+    be: str, rep: bool, R: int, W: Tensor, a: Tensor, x: Tensor, y: Tensor, lr: Union[float, Tensor],
+    sam_rho: Optional[Union[float, Tensor]], sam_normalize: bool,
+    snaps: Optional[list[int]] = None, Ws: Optional[Tensor] = None, As: Optional[Tensor] = None,
+) -> None:
+    """The numba / triton call of :func:`run_steps` (arguments already checked)."""
     if W.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"run_steps(backend={be!r}) supports float32 and float64, got {W.dtype}; use 'torch'.")
     W3 = W if rep else W.unsqueeze(0)
@@ -216,8 +254,18 @@ def run_steps(
     lr_t = _per_replica(lr, R, W, "lr")
     rho_t = None if sam_rho is None else _per_replica(sam_rho, R, W, "sam_rho")
     if be == "numba":
+        import numpy as np
+
         from . import numba_cpu
 
+        snap_args = None
+        if snaps is not None:
+            assert Ws is not None and As is not None
+            snap_args = (
+                np.asarray(snaps, dtype=np.int64),
+                Ws.view(len(snaps), R, *W.shape[-2:]).numpy(),
+                As.view(len(snaps), R, W.shape[-2]).numpy(),
+            )
         numba_cpu.run(
             Wc.detach().numpy(),
             ac.detach().numpy(),
@@ -226,6 +274,7 @@ def run_steps(
             lr_t.numpy(),
             None if rho_t is None else rho_t.numpy(),
             sam_normalize,
+            snap_args,
         )
     else:
         from . import triton_gpu

@@ -18,6 +18,11 @@ Memory traffic: the plain-SGD kernels read and write ``W`` once per step (one pa
   ``θ' = Σ_i (a_i + c h_i)(w_i + c a_i g) = θ + c‖a‖² g + c s + c² (aᵀh) g``. Pass 2 updates every row with the
   gradients at the perturbed point (recomputing ``w_i' = w_i + c a_i g`` on the fly) and accumulates ``θ_new``.
 
+Snapshots: every kernel takes ``snap`` ``(S,)`` (increasing step counts in 1..k) and buffers ``SW`` ``(S, R, m, d)``,
+``SA`` ``(S, R, m)``; after ``snap[s]`` steps replica r's weights are copied to ``SW[s, r]``, ``SA[s, r]`` (S = 0: none).
+This lets the engine run all k steps of a Lightning step in one call and still read the weights on its escape-check
+and logging grids.
+
 The arithmetic follows the torch reference's rounding order where it is cheap to do so (``η (a_i g_j)``, ``g / B``);
 reductions are summed in a different order than torch's BLAS, which is why results agree to rounding, not bitwise.
 ``fastmath`` is limited to re-association and FMA contraction (no ``nnan``/``ninf``/approximate reciprocals): that
@@ -36,7 +41,7 @@ _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True, error_model="n
 
 
 @njit(**_OPTS)
-def sgd_b1(W, a, x, y, lr, P, zero):  # pragma: no cover - compiled
+def sgd_b1(W, a, x, y, lr, P, zero, snap, SW, SA):  # pragma: no cover - compiled
     """Plain SGD, batch size 1. ``P`` ``(R, m)`` is scratch (p_i = w_i · x of the coming sample)."""
     R, m, d = W.shape
     k = x.shape[1]
@@ -47,6 +52,7 @@ def sgd_b1(W, a, x, y, lr, P, zero):  # pragma: no cover - compiled
         Wr = W[r]
         ar = a[r]
         Pr = P[r]
+        si = 0
         # prologue: p_i = w_i · x_0 and ŷ_0
         pred = zero
         x0 = x[xr, 0, 0]
@@ -74,9 +80,20 @@ def sgd_b1(W, a, x, y, lr, P, zero):  # pragma: no cover - compiled
                 Pr[i] = acc
                 ar[i] = ai_new
                 pred += ai_new * acc
+            si = _snapshot(snap, si, t, SW, SA, r, Wr, ar)
 
 
 _INLINE = dict(inline="always", cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+
+
+@njit(**_INLINE)
+def _snapshot(snap, si, t, SW, SA, r, Wr, ar):  # pragma: no cover - compiled
+    """Copies replica r's weights to snapshot ``si`` when ``t + 1`` steps are done at ``snap[si]``; the next index."""
+    if si < snap.shape[0] and snap[si] == t + 1:
+        SW[si, r, :, :] = Wr
+        SA[si, r, :] = ar
+        return si + 1
+    return si
 
 
 @njit(**_INLINE)
@@ -110,7 +127,7 @@ def _batch_gradient(out, th, xs, ys, zero):  # pragma: no cover - compiled
 
 
 @njit(**_OPTS)
-def sgd_theta(W, a, x, y, lr, TH, G, zero):  # pragma: no cover - compiled
+def sgd_theta(W, a, x, y, lr, TH, G, zero, snap, SW, SA):  # pragma: no cover - compiled
     """Plain SGD, any batch size. ``TH`` and ``G`` ``(R, d)`` are scratch (θ and g)."""
     R, m, d = W.shape
     k = x.shape[1]
@@ -122,6 +139,7 @@ def sgd_theta(W, a, x, y, lr, TH, G, zero):  # pragma: no cover - compiled
         ar = a[r]
         th = TH[r]
         g = G[r]
+        si = 0
         _predictor(th, Wr, ar, zero)
         for t in range(k):
             _batch_gradient(g, th, x[xr, t], y[xr, t], zero)
@@ -138,10 +156,11 @@ def sgd_theta(W, a, x, y, lr, TH, G, zero):  # pragma: no cover - compiled
                     Wr[i, j] = wn
                     th[j] += ai_new * wn
                 ar[i] = ai_new
+            si = _snapshot(snap, si, t, SW, SA, r, Wr, ar)
 
 
 @njit(**_OPTS)
-def sam_theta(W, a, x, y, lr, rho, normalize, eps, TH, G, S, H, zero):  # pragma: no cover - compiled
+def sam_theta(W, a, x, y, lr, rho, normalize, eps, TH, G, S, H, zero, snap, SW, SA):  # pragma: no cover - compiled
     """SAM (normalised or not), any batch size. ``TH``, ``G``, ``S`` ``(R, d)`` and ``H`` ``(R, m)`` are scratch."""
     R, m, d = W.shape
     k = x.shape[1]
@@ -156,6 +175,7 @@ def sam_theta(W, a, x, y, lr, rho, normalize, eps, TH, G, S, H, zero):  # pragma
         g = G[r]
         s = S[r]
         h = H[r]
+        si = 0
         _predictor(th, Wr, ar, zero)
         for t in range(k):
             # --- gradient at (W, a): g = (1/B) Σ_b r_b x_b
@@ -202,20 +222,26 @@ def sam_theta(W, a, x, y, lr, rho, normalize, eps, TH, G, S, H, zero):  # pragma
                     Wr[i, j] = wn
                     th[j] += ai_new * wn
                 ar[i] = ai_new
+            si = _snapshot(snap, si, t, SW, SA, r, Wr, ar)
 
 
-def run(W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool) -> None:
-    """Dispatch to the right kernel. All arrays C-contiguous, one float dtype; ``rho`` None or ``(R,)``."""
+def run(
+    W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool, snapshots=None
+) -> None:
+    """Dispatch to the right kernel. All arrays C-contiguous, one float dtype; ``rho`` None or ``(R,)``;
+    ``snapshots`` None or ``(snap, SW, SA)`` (see the module docstring)."""
     R, m, d = W.shape
     B = x.shape[2]
     zero = W.dtype.type(0)
+    if snapshots is None:
+        snapshots = (np.empty(0, np.int64), np.empty((0, R, m, d), W.dtype), np.empty((0, R, m), W.dtype))
     if rho is not None:
         TH = np.empty((R, d), W.dtype)
         G = np.empty((R, d), W.dtype)
         S = np.empty((R, d), W.dtype)
         H = np.empty((R, m), W.dtype)
-        sam_theta(W, a, x, y, lr, rho, bool(normalize), W.dtype.type(1e-12), TH, G, S, H, zero)
+        sam_theta(W, a, x, y, lr, rho, bool(normalize), W.dtype.type(1e-12), TH, G, S, H, zero, *snapshots)
     elif B == 1:
-        sgd_b1(W, a, x, y, lr, np.empty((R, m), W.dtype), zero)
+        sgd_b1(W, a, x, y, lr, np.empty((R, m), W.dtype), zero, *snapshots)
     else:
-        sgd_theta(W, a, x, y, lr, np.empty((R, d), W.dtype), np.empty((R, d), W.dtype), zero)
+        sgd_theta(W, a, x, y, lr, np.empty((R, d), W.dtype), np.empty((R, d), W.dtype), zero, *snapshots)
