@@ -101,15 +101,12 @@ class FusedEngine:
         model = self.model
         at_check = [i for i, s in enumerate(steps) if s % check == 0]
         if at_check:  # the check steps are evenly spaced by `check`
-            idx = torch.tensor(at_check, device=Ws.device) if len(at_check) < len(steps) else None
-            model.update_escape(steps[at_check[0]], check, Ws if idx is None else Ws.index_select(0, idx))
+            model.update_escape(steps[at_check[0]], check, _select(Ws, at_check))
             self._checked_at = steps[at_check[-1]]
         at_log = [i for i, s in enumerate(steps) if every > 0 and s % every == 0]
         if at_log:
-            if len(at_log) < len(steps):
-                idx = torch.tensor(at_log, device=Ws.device)
-                Ws, As = Ws.index_select(0, idx), As.index_select(0, idx)
-            self._pending.append(([steps[i] for i in at_log], model.dynamics(Ws, As)))
+            values = model.dynamics(_select(Ws, at_log), _select(As, at_log))
+            self._pending.append(([steps[i] for i in at_log], values))
 
     def flush(self) -> None:
         """Writes the snapshots and escapes of the last Lightning step (host syncs happen here)."""
@@ -124,3 +121,15 @@ class FusedEngine:
             # For StepProgressBar (Lightning's self.log costs ~1 ms a call, more than 1000 fused steps).
             model.progress_metrics = {"loss": float(self._pending[-1][1]["train/loss"][-1].mean())}
         self._pending.clear()
+
+
+def _select(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``t[idx]`` along axis 0 without a host sync: a strided view when ``idx`` is evenly spaced (the usual case:
+    the logging interval is a multiple of the check interval), else a gather with an index copied asynchronously."""
+    steps = {b - a for a, b in zip(idx, idx[1:])}
+    if len(steps) <= 1:
+        return t[idx[0] : idx[-1] + 1 : steps.pop() if steps else 1]
+    index = torch.tensor(idx)
+    if t.device.type == "cuda":  # a pageable host-to-device copy would wait for the kernels in flight
+        index = index.pin_memory()
+    return t.index_select(0, index.to(t.device, non_blocking=True))

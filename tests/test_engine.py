@@ -104,15 +104,20 @@ def test_fused_logging_grid_and_per_replica_tags(tmp_path):
     assert final["dynamics/norm_sq_mean"].shape == (2,)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=pytest.mark.skipif(
-    "numba" not in available_backends(), reason="numba not installed"))])
-def test_fused_path_logs_what_the_generic_path_logs(tmp_path, backend):
+@pytest.mark.parametrize("backend,every,steps", [
+    ("torch", 30, 130),
+    pytest.param("numba", 30, 130, marks=pytest.mark.skipif("numba" not in available_backends(), reason="no numba")),
+    ("torch", 150, 460),  # escape checks every 100 steps, logging every 150: the kernel snapshots the union
+])
+def test_fused_path_logs_what_the_generic_path_logs(tmp_path, backend, every, steps):
     """Same tags, steps and values (escape step included) whether one or 40 SGD steps run per Lightning step."""
     runs = {}
-    for name, kw in (("generic", dict(backend="autograd")), ("fused", dict(backend=backend, steps_per_batch=40))):
+    k = 40 if every < 100 else steps  # one batch of 460 steps: snapshots at 100, 150, 200, 300, 400, 450
+    for name, kw in (("generic", dict(backend="autograd")), ("fused", dict(backend=backend, steps_per_batch=k))):
         root = tmp_path / name
         logger = pl.loggers.TensorBoardLogger(root, name="", version="")
-        model, _ = fit(steps=130, noise=4.0, lr=0.05, logger=logger, every=30, root=root, **kw)
+        model, _ = fit(steps=steps, noise=4.0, lr=0.05, logger=logger, every=every,
+                       root=root, **kw)
         runs[name] = (model, _scalars(root))
     (generic, g), (fused, f) = runs["generic"], runs["fused"]
     assert int(generic.escape_step) > 0 and int(fused.escape_step) == int(generic.escape_step)
