@@ -5,7 +5,8 @@ in parallel (``prange``), steps in order. Inputs are NumPy views of the torch te
 (float32 or float64; one compiled specialisation each). ``x`` is ``(Rx, k, B, d)`` and ``y`` ``(Rx, k, B)`` with
 ``Rx == R`` or ``Rx == 1`` (one sample stream shared by all replicas); ``lr`` and ``rho`` are ``(R,)``.
 
-Memory traffic: the plain-SGD kernels read and write ``W`` once per step (one pass over the rows in memory order).
+Memory traffic: the plain-SGD kernels read and write ``W`` once per step (one pass in memory order, over ``W`` or,
+for batch 1, over a transposed copy).
 
 * ``B == 1`` (:func:`sgd_b1`): works on a transposed copy ``Wᵀ`` ``(d, m)`` for the whole call (transposed in and
   out once). The pass over column j updates ``w_·j`` for all neurons and adds ``w_·j^new x_{t+1,j}`` to the next
