@@ -105,17 +105,18 @@ def bench_torch_loop(steps: int, repeat: int, device="cpu"):
     return steps / dt, mean_w2(out["W"])
 
 
-def bench_kernel(backend: str, R: int, steps: int, repeat: int, device="cpu"):
-    """run_steps on R replicas for `steps` steps; returns (replica-steps/s, mean ‖w‖² of replica 0)."""
+def bench_kernel(backend: str, R: int, steps: int, repeat: int, device="cpu", sam_rho=None):
+    """run_steps on R replicas for `steps` steps (SAM when ``sam_rho``); returns (replica-steps/s, mean ‖w‖² of
+    replica 0)."""
     W0, a0, x, y = paper_problem(R, steps, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     Ww, aw = W0.clone(), a0.clone()
-    run_steps(Ww, aw, x[:, :8], y[:, :8], LR, backend=backend)  # compile / warm up
+    run_steps(Ww, aw, x[:, :8], y[:, :8], LR, backend=backend, sam_rho=sam_rho)  # compile / warm up
     out = {}
 
     def go():
         W, a = W0.clone(), a0.clone()
-        run_steps(W, a, x, y, LR, backend=backend)
+        run_steps(W, a, x, y, LR, backend=backend, sam_rho=sam_rho)
         out["W"] = W
 
     dt = best_of(go, repeat, sync)
@@ -174,6 +175,8 @@ def main(argv=None):
             rateR, w2R = bench_kernel("numba", R, args.steps, args.repeat)
             rows.append((f"numba R={R} ({numba.get_num_threads()} threads)", rateR, w2R, "replica-steps/s"))
             rows.append((f"  numba R={R} / numba R=1", rateR / rate1, float("nan"), "x"))
+            rate_sam, w2s = bench_kernel("numba", 1, args.steps, args.repeat, sam_rho=0.05)
+            rows.append(("numba SAM (rho=0.05) R=1", rate_sam, w2s, "steps/s"))
         except ImportError:
             rows.append(("numba (not installed)", float("nan"), float("nan"), ""))
     if torch.cuda.is_available():

@@ -12,11 +12,12 @@ from lightning_lnsgd.kernels import available_backends
 from lightning_lnsgd.sam import SAMStrategy
 
 
-def fit(steps=120, noise=1.5, strategy="auto", logger=False, every=50, root=None, ckpt=None, dm_seed=3, **model_kw):
+def fit(steps=120, noise=1.5, strategy="auto", logger=False, every=50, root=None, ckpt=None, dm_seed=3, batch_size=2,
+        **model_kw):
     model_kw.setdefault("seed", 2)
     model_kw.setdefault("lr", 0.01)
     model = TwoLayerLinear(dim=6, width=12, **model_kw)
-    dm = SparseTeacherDataModule(dim=6, n_train=20, batch_size=2, seed=dm_seed, steps_per_epoch=37)
+    dm = SparseTeacherDataModule(dim=6, n_train=20, batch_size=batch_size, seed=dm_seed, steps_per_epoch=37)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=logger, log_every_n_steps=every, strategy=strategy,
         callbacks=[LabelNoise(sigma=noise, seed=11)] if noise else [], enable_progress_bar=False,
@@ -62,10 +63,15 @@ def test_numba_backend_matches_torch_backend():
     assert close(fast.W, ref.W) and close(fast.a, ref.a)
 
 
-def test_fused_sam_equals_the_sam_strategy_on_the_generic_path():
-    generic, _ = fit(backend="autograd", strategy=SAMStrategy(rho=0.05))
-    fused, _ = fit(backend="torch", steps_per_batch=6, strategy=SAMStrategy(rho=0.05))
-    plain, _ = fit(backend="torch", steps_per_batch=6)
+@pytest.mark.parametrize("backend,batch_size", [
+    ("torch", 2),
+    pytest.param("numba", 1, marks=pytest.mark.skipif("numba" not in available_backends(), reason="no numba")),
+    pytest.param("numba", 2, marks=pytest.mark.skipif("numba" not in available_backends(), reason="no numba")),
+])
+def test_fused_sam_equals_the_sam_strategy_on_the_generic_path(backend, batch_size):
+    generic, _ = fit(backend="autograd", strategy=SAMStrategy(rho=0.05), batch_size=batch_size)
+    fused, _ = fit(backend=backend, steps_per_batch=6, strategy=SAMStrategy(rho=0.05), batch_size=batch_size)
+    plain, _ = fit(backend=backend, steps_per_batch=6, batch_size=batch_size)
     assert close(fused.W, generic.W) and close(fused.a, generic.a)
     assert not close(fused.W, plain.W, tol=1e-7)
 

@@ -17,7 +17,9 @@ for batch 1, over a transposed copy).
 * ``B > 1`` (:func:`sgd_theta`): the pass computes ``(W g)_i`` and updates row i while accumulating the next
   end-to-end predictor ``θ_new = Σ_i a_i^new w_i^new`` (a fresh sum of the new weights, so no drift); the next
   step's predictions are ``θ_new · x_b``: 3·m·d flops a step.
-* SAM (:func:`sam_theta`): two passes a step. Pass 1 computes ``h = W g`` and ``s = Wᵀh`` (plus ``‖a‖²``, ``‖h‖²``,
+* SAM, ``B == 1`` (:func:`sam_b1`): one pass over ``Wᵀ`` a step, like :func:`sgd_b1`: the perturbed point's
+  prediction and gradient follow from ``p = W x``, ``‖a‖²`` and ``‖p‖²`` in closed form (see the kernel).
+* SAM, ``B > 1`` (:func:`sam_theta`): two passes a step. Pass 1 computes ``h = W g`` and ``s = Wᵀh`` (plus ``‖a‖²``, ``‖h‖²``,
   ``aᵀh``) at the current point; the perturbed predictor then follows in closed form,
   ``θ' = Σ_i (a_i + c h_i)(w_i + c a_i g) = θ + c‖a‖² g + c s + c² (aᵀh) g``. Pass 2 updates every row with the
   gradients at the perturbed point (recomputing ``w_i' = w_i + c a_i g`` on the fly) and accumulates ``θ_new``.
@@ -38,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["sam_theta", "sgd_b1", "sgd_theta"]
+__all__ = ["sam_b1", "sam_theta", "sgd_b1", "sgd_theta"]
 
 _FM = {"reassoc", "contract", "nsz"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True, error_model="numpy")
@@ -95,6 +97,91 @@ def sgd_b1(W, a, x, y, lr, WT, P, PN, zero, snap, SW, SA):  # pragma: no cover -
                 ai_new = ar[i] - eta * (res * Pc[i])
                 ar[i] = ai_new
                 pred += ai_new * Pn[i]
+            Pc, Pn = Pn, Pc
+            if si < snap.shape[0] and snap[si] == t + 1:
+                for i in range(m):
+                    for j in range(d):
+                        SW[si, r, i, j] = Tr[j, i]
+                SA[si, r, :] = ar
+                si += 1
+        for i in range(m):
+            for j in range(d):
+                Wr[i, j] = Tr[j, i]
+
+
+@njit(**_OPTS)
+def sam_b1(W, a, x, y, lr, rho, normalize, eps, WT, P, PN, AP, zero, snap, SW, SA):  # pragma: no cover - compiled
+    """SAM, batch size 1, on a transposed copy like :func:`sgd_b1`. Scratch: ``WT`` ``(R, d, m)``; ``P``, ``PN``,
+    ``AP`` ``(R, m)``. With ``p = W x``: ``∇a = r p``, ``‖∇‖² = ‖a‖² r²‖x‖² + r²‖p‖²``, and at the perturbed point
+    ``p' = p + c a (g·x)``, ``ŷ' = ŷ + c (g·x) ‖a‖² + c r ‖p‖² + c² r (g·x) ŷ`` — no extra pass over W."""
+    R, m, d = W.shape
+    k = x.shape[1]
+    shared = x.shape[0] == 1
+    for r in prange(R):
+        xr = np.int64(0) if shared else np.int64(r)
+        eta = lr[r]
+        rr = rho[r]
+        Wr = W[r]
+        ar = a[r]
+        Tr = WT[r]
+        Pc = P[r]
+        Pn = PN[r]
+        Ap = AP[r]
+        si = 0
+        for i in range(m):
+            for j in range(d):
+                Tr[j, i] = Wr[i, j]
+        x0 = x[xr, 0, 0]
+        for i in range(m):
+            Pc[i] = zero
+        for j in range(d):
+            xj = x0[j]
+            row = Tr[j]
+            for i in range(m):
+                Pc[i] += row[i] * xj
+        pred = zero
+        aa = zero
+        pp = zero
+        for i in range(m):
+            pred += ar[i] * Pc[i]
+            aa += ar[i] * ar[i]
+            pp += Pc[i] * Pc[i]
+        for t in range(k):
+            xt = x[xr, t, 0]
+            yt = y[xr, t, 0]
+            xn = x[xr, t + 1 if t + 1 < k else t, 0]
+            res = pred - yt
+            xx = zero
+            for j in range(d):
+                xx += xt[j] * xt[j]
+            if normalize:
+                c = rr / (np.sqrt(aa * (res * res * xx) + res * res * pp) + eps)
+            else:
+                c = rr
+            gx = res * xx  # g·x with g = r x
+            res_p = (pred + c * gx * aa + c * res * pp + c * c * res * gx * pred) - yt
+            crs = c * res
+            for i in range(m):
+                Ap[i] = ar[i] + crs * Pc[i]  # a' = a + c ∇a
+                Pn[i] = zero
+            for j in range(d):
+                gj = res_p * xt[j]  # g' = r' x
+                xnj = xn[j]
+                row = Tr[j]
+                for i in range(m):
+                    wn = row[i] - eta * (Ap[i] * gj)
+                    row[i] = wn
+                    Pn[i] += wn * xnj
+            cgx = c * gx
+            pred = zero
+            aa = zero
+            pp = zero
+            for i in range(m):
+                ai_new = ar[i] - eta * (res_p * (Pc[i] + cgx * ar[i]))  # ∇a' = W' g' = r' p'
+                ar[i] = ai_new
+                pred += ai_new * Pn[i]
+                aa += ai_new * ai_new
+                pp += Pn[i] * Pn[i]
             Pc, Pn = Pn, Pc
             if si < snap.shape[0] and snap[si] == t + 1:
                 for i in range(m):
@@ -259,7 +346,11 @@ def run(
     zero = W.dtype.type(0)
     if snapshots is None:
         snapshots = (np.empty(0, np.int64), np.empty((0, R, m, d), W.dtype), np.empty((0, R, m), W.dtype))
-    if rho is not None:
+    if rho is not None and B == 1:
+        scratch = [np.empty((R, m), W.dtype) for _ in range(3)]
+        sam_b1(W, a, x, y, lr, rho, bool(normalize), W.dtype.type(1e-12), np.empty((R, d, m), W.dtype), *scratch, zero,
+               *snapshots)
+    elif rho is not None:
         TH = np.empty((R, d), W.dtype)
         G = np.empty((R, d), W.dtype)
         S = np.empty((R, d), W.dtype)
