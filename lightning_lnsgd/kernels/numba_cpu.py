@@ -55,42 +55,20 @@ def sgd_b1(W, a, x, y, lr, WT, P, PN, zero, snap, SW, SA):  # pragma: no cover -
     for r in prange(R):
         xr = np.int64(0) if shared else np.int64(r)
         eta = lr[r]
-        Wr = W[r]
         ar = a[r]
         Tr = WT[r]
-        Pc = P[r]  # p_i = w_i · x_t of the current sample
+        Pc = P[r]  # p = W x_t for the current sample
         Pn = PN[r]  # the same for the next sample, accumulated during the pass
         si = 0
-        for i in range(m):
-            for j in range(d):
-                Tr[j, i] = Wr[i, j]
-        # prologue: p = W x_0 and ŷ_0
-        x0 = x[xr, 0, 0]
-        for i in range(m):
-            Pc[i] = zero
-        for j in range(d):
-            xj = x0[j]
-            row = Tr[j]
-            for i in range(m):
-                Pc[i] += row[i] * xj
+        _transpose(Tr, W[r])
+        _project(Pc, Tr, x[xr, 0, 0], zero)
         pred = zero
         for i in range(m):
             pred += ar[i] * Pc[i]
         for t in range(k):
-            xt = x[xr, t, 0]
             res = pred - y[xr, t, 0]
-            xn = x[xr, t + 1 if t + 1 < k else t, 0]
-            for i in range(m):
-                Pn[i] = zero
-            # ∇W_ij = a_i g_j with g = r x_t: column j of W (a row of Wᵀ) is one vector operation over the neurons
-            for j in range(d):
-                gj = res * xt[j]
-                xnj = xn[j]
-                row = Tr[j]
-                for i in range(m):
-                    wn = row[i] - eta * (ar[i] * gj)
-                    row[i] = wn
-                    Pn[i] += wn * xnj
+            # ∇W_ij = a_i g_j with g = r x_t, and p_next = W^new x_{t+1}
+            _column_pass(Tr, ar, res, x[xr, t, 0], x[xr, t + 1 if t + 1 < k else t, 0], eta, Pn, zero)
             # ∇a_i = (W g)_i = r p_i (the old W, the current sample); then ŷ_{t+1} = Σ_i a_i^new p_i^next
             pred = zero
             for i in range(m):
@@ -98,15 +76,8 @@ def sgd_b1(W, a, x, y, lr, WT, P, PN, zero, snap, SW, SA):  # pragma: no cover -
                 ar[i] = ai_new
                 pred += ai_new * Pn[i]
             Pc, Pn = Pn, Pc
-            if si < snap.shape[0] and snap[si] == t + 1:
-                for i in range(m):
-                    for j in range(d):
-                        SW[si, r, i, j] = Tr[j, i]
-                SA[si, r, :] = ar
-                si += 1
-        for i in range(m):
-            for j in range(d):
-                Wr[i, j] = Tr[j, i]
+            si = _snapshot_t(snap, si, t, SW, SA, r, Tr, ar)
+        _transpose(W[r], Tr)
 
 
 @njit(**_OPTS)
@@ -121,24 +92,14 @@ def sam_b1(W, a, x, y, lr, rho, normalize, eps, WT, P, PN, AP, zero, snap, SW, S
         xr = np.int64(0) if shared else np.int64(r)
         eta = lr[r]
         rr = rho[r]
-        Wr = W[r]
         ar = a[r]
         Tr = WT[r]
         Pc = P[r]
         Pn = PN[r]
         Ap = AP[r]
         si = 0
-        for i in range(m):
-            for j in range(d):
-                Tr[j, i] = Wr[i, j]
-        x0 = x[xr, 0, 0]
-        for i in range(m):
-            Pc[i] = zero
-        for j in range(d):
-            xj = x0[j]
-            row = Tr[j]
-            for i in range(m):
-                Pc[i] += row[i] * xj
+        _transpose(Tr, W[r])
+        _project(Pc, Tr, x[xr, 0, 0], zero)
         pred = zero
         aa = zero
         pp = zero
@@ -149,7 +110,6 @@ def sam_b1(W, a, x, y, lr, rho, normalize, eps, WT, P, PN, AP, zero, snap, SW, S
         for t in range(k):
             xt = x[xr, t, 0]
             yt = y[xr, t, 0]
-            xn = x[xr, t + 1 if t + 1 < k else t, 0]
             res = pred - yt
             xx = zero
             for j in range(d):
@@ -163,35 +123,21 @@ def sam_b1(W, a, x, y, lr, rho, normalize, eps, WT, P, PN, AP, zero, snap, SW, S
             crs = c * res
             for i in range(m):
                 Ap[i] = ar[i] + crs * Pc[i]  # a' = a + c ∇a
-                Pn[i] = zero
-            for j in range(d):
-                gj = res_p * xt[j]  # g' = r' x
-                xnj = xn[j]
-                row = Tr[j]
-                for i in range(m):
-                    wn = row[i] - eta * (Ap[i] * gj)
-                    row[i] = wn
-                    Pn[i] += wn * xnj
+            # ∇W' = a' g'ᵀ with g' = r' x_t, and p_next = W^new x_{t+1}
+            _column_pass(Tr, Ap, res_p, xt, x[xr, t + 1 if t + 1 < k else t, 0], eta, Pn, zero)
             cgx = c * gx
             pred = zero
             aa = zero
             pp = zero
             for i in range(m):
-                ai_new = ar[i] - eta * (res_p * (Pc[i] + cgx * ar[i]))  # ∇a' = W' g' = r' p'
+                ai_new = ar[i] - eta * (res_p * (Pc[i] + cgx * ar[i]))  # ∇a' = W' g' = r' p', p' = p + c a (g·x)
                 ar[i] = ai_new
                 pred += ai_new * Pn[i]
                 aa += ai_new * ai_new
                 pp += Pn[i] * Pn[i]
             Pc, Pn = Pn, Pc
-            if si < snap.shape[0] and snap[si] == t + 1:
-                for i in range(m):
-                    for j in range(d):
-                        SW[si, r, i, j] = Tr[j, i]
-                SA[si, r, :] = ar
-                si += 1
-        for i in range(m):
-            for j in range(d):
-                Wr[i, j] = Tr[j, i]
+            si = _snapshot_t(snap, si, t, SW, SA, r, Tr, ar)
+        _transpose(W[r], Tr)
 
 
 _INLINE = dict(inline="always", cache=True, fastmath=_FM, nogil=True, error_model="numpy")
@@ -202,6 +148,52 @@ def _snapshot(snap, si, t, SW, SA, r, Wr, ar):  # pragma: no cover - compiled
     """Copies replica r's weights to snapshot ``si`` when ``t + 1`` steps are done at ``snap[si]``; the next index."""
     if si < snap.shape[0] and snap[si] == t + 1:
         SW[si, r, :, :] = Wr
+        SA[si, r, :] = ar
+        return si + 1
+    return si
+
+
+@njit(**_INLINE)
+def _transpose(dst, src):  # pragma: no cover - compiled
+    """``dst[j, i] = src[i, j]``."""
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[j, i] = src[i, j]
+
+
+@njit(**_INLINE)
+def _project(p, Tr, xv, zero):  # pragma: no cover - compiled
+    """``p = W x`` from ``Wᵀ`` ``(d, m)``: one vector operation over the neurons per input coordinate."""
+    for i in range(p.shape[0]):
+        p[i] = zero
+    for j in range(Tr.shape[0]):
+        xj = xv[j]
+        row = Tr[j]
+        for i in range(p.shape[0]):
+            p[i] += row[i] * xj
+
+
+@njit(**_INLINE)
+def _column_pass(Tr, v, res, xt, xn, eta, pn, zero):  # pragma: no cover - compiled
+    """The update of a batch-1 step on ``Wᵀ``: ``W_ij ← W_ij − η (v_i (res xt_j))`` (∇W = v gᵀ with g = res·xt), and
+    ``pn = W^new xn`` accumulated in the same pass."""
+    for i in range(pn.shape[0]):
+        pn[i] = zero
+    for j in range(Tr.shape[0]):
+        gj = res * xt[j]
+        xnj = xn[j]
+        row = Tr[j]
+        for i in range(pn.shape[0]):
+            wn = row[i] - eta * (v[i] * gj)
+            row[i] = wn
+            pn[i] += wn * xnj
+
+
+@njit(**_INLINE)
+def _snapshot_t(snap, si, t, SW, SA, r, Tr, ar):  # pragma: no cover - compiled
+    """:func:`_snapshot` for kernels that hold ``Wᵀ``."""
+    if si < snap.shape[0] and snap[si] == t + 1:
+        _transpose(SW[si, r], Tr)
         SA[si, r, :] = ar
         return si + 1
     return si
