@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
                            "[replica-steps/s]", f"project: fit, fused {backend}, k=1000"))
     for name, num, den in ratios:
         print(f"  {name:<50} {value[num] / value[den]:6.2f}x")
-    if not args.quick:  # the paper's Fig. 2 pair from the command line, start-up included
+    if not args.quick and not gpu:  # the paper's Fig. 2 pair from the command line (CPU configs), start-up included
         import subprocess
         import sys
         from pathlib import Path

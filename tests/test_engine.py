@@ -13,13 +13,13 @@ from lightning_lnsgd.sam import SAMStrategy
 
 
 def fit(steps=120, noise=1.5, strategy="auto", logger=False, every=50, root=None, ckpt=None, dm_seed=3, batch_size=2,
-        **model_kw):
+        accelerator="cpu", **model_kw):
     model_kw.setdefault("seed", 2)
     model_kw.setdefault("lr", 0.01)
     model = TwoLayerLinear(dim=6, width=12, **model_kw)
     dm = SparseTeacherDataModule(dim=6, n_train=20, batch_size=batch_size, seed=dm_seed, steps_per_epoch=37)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, logger=logger, log_every_n_steps=every, strategy=strategy,
+        accelerator=accelerator, devices=1, max_steps=steps, logger=logger, log_every_n_steps=every, strategy=strategy,
         callbacks=[LabelNoise(sigma=noise, seed=11)] if noise else [], enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=root,
@@ -205,6 +205,7 @@ def test_triton_backend_through_fit_matches_torch_backend():
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and TRITON_INTERPRET unset")
-    ref, _ = fit(steps=30, backend="torch", replicas=2, steps_per_batch=10)
-    tri, _ = fit(steps=30, backend="triton", replicas=2, steps_per_batch=10)
-    assert close(tri.W, ref.W) and close(tri.a, ref.a)
+    acc = "gpu" if torch.cuda.is_available() else "cpu"
+    ref, _ = fit(steps=30, backend="torch", replicas=2, steps_per_batch=10, accelerator=acc)
+    tri, _ = fit(steps=30, backend="triton", replicas=2, steps_per_batch=10, accelerator=acc)
+    assert close(tri.W.cpu(), ref.W.cpu()) and close(tri.a.cpu(), ref.a.cpu())
