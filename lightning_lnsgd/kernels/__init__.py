@@ -19,8 +19,10 @@ Backends:
 
 * ``"torch"``: the reference: a loop over the steps calling :func:`lightning_lnsgd.functional.grads` on the stacked
   replicas; any device and float dtype.
-* ``"numba"``: CPU, float32/float64, replicas in parallel with ``prange``; one pass over ``W`` a step for SGD
-  (see :mod:`lightning_lnsgd.kernels.numba_cpu`). Compiled on first use (cached on disk).
+* ``"numba"``: CPU, float32/float64, replicas in parallel with ``prange``. Every neuron's step is the same linear map
+  of (wᵢ, aᵢ), so the kernel steps the (d+1)² second moments and the product of those maps, O(d²) a step whatever the
+  width, and applies the product to W at snapshots and at the end (see :mod:`lightning_lnsgd.kernels.numba_cpu`).
+  Compiled on first use (cached on disk).
 * ``"triton"``: CUDA, float32/float64, one program per replica with ``W`` and ``a`` held on chip across all ``k``
   steps (see :mod:`lightning_lnsgd.kernels.triton_gpu`; limit: ``pow2(m)·pow2(d) ≤ 32768`` in float32).
 * ``"auto"``: triton for CUDA tensors when triton is installed, numba for CPU tensors when numba is installed,
