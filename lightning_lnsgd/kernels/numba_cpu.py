@@ -100,9 +100,8 @@ def _apply(P, W, a, OW, OA, zi, d):  # pragma: no cover - compiled
 
 
 @njit(**_OPTS)
-def steps(W, a, x, y, lr, rho, sam, normalize, eps, S, P, V, snap, SW, SA):  # pragma: no cover - compiled
-    """k SGD (``sam`` False) or SAM steps on every replica. Scratch (float64): ``S``, ``P`` ``(R, d+1, d+1)``,
-    ``V`` ``(R, 10, d+1)``."""
+def steps(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA):  # pragma: no cover - compiled
+    """k SGD (``sam`` False) or SAM steps on every replica."""
     R, m, d = W.shape
     k = x.shape[1]
     D = d + 1
@@ -111,9 +110,11 @@ def steps(W, a, x, y, lr, rho, sam, normalize, eps, S, P, V, snap, SW, SA):  # p
         xr = np.int64(0) if shared else np.int64(r)
         eta = np.float64(lr[r])
         rr = np.float64(rho[r])
-        Sr = S[r]
-        Pr = P[r]
-        Vr = V[r]
+        # Allocated per replica, by the thread that runs it: with one (R, …) array, two threads would write the
+        # cache line that two neighbouring replicas share at every step (measured: 2 replicas no faster than 1).
+        Sr = np.empty((D, D))
+        Pr = np.empty((D, D))
+        Vr = np.empty((10, D))
         g, gp, e, f, se, sf, X, Y, eP, fP = Vr[0], Vr[1], Vr[2], Vr[3], Vr[4], Vr[5], Vr[6], Vr[7], Vr[8], Vr[9]
         zi = X  # scratch for _apply outside the step loop
         for p in range(D):
@@ -207,7 +208,4 @@ def run(
         snapshots = (np.empty(0, np.int64), np.empty((0, R, m, d), W.dtype), np.empty((0, R, m), W.dtype))
     sam = rho is not None
     rho_arr = rho if sam else lr
-    S = np.empty((R, d + 1, d + 1))
-    P = np.empty((R, d + 1, d + 1))
-    V = np.empty((R, 10, d + 1))
-    steps(W, a, x, y, lr, rho_arr, sam, bool(normalize), 1e-12, S, P, V, *snapshots)
+    steps(W, a, x, y, lr, rho_arr, sam, bool(normalize), 1e-12, *snapshots)
