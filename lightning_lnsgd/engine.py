@@ -58,7 +58,9 @@ class FusedEngine:
         lr = model.lr_per_replica
         self.lr: float | torch.Tensor = float(lr) if lr.ndim == 0 else lr
         self._pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
-        self._checked_at: int | None = None
+        # Host-side: does some replica still wait for its escape step? Read at flush; once every replica has
+        # escaped, the check grid needs no more weight snapshots.
+        self._escape_open = not bool((model.escape_step >= 0).all())
 
     #: Upper bound on the weight snapshots one kernel call keeps (bytes); more marks mean more calls.
     SNAPSHOT_BYTES = 64 * 2**20
@@ -67,8 +69,9 @@ class FusedEngine:
     def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Runs the ``k = x.shape[-3]`` SGD steps of one batch and advances ``global_step`` by k.
 
-        The steps on the escape-check and logging grids inside the batch are the kernel's snapshot steps: one
-        kernel call covers all k steps (several only when the snapshots would exceed :attr:`SNAPSHOT_BYTES`).
+        The steps on the escape-check grid (until every replica has escaped) and on the logging grid inside the
+        batch are the kernel's snapshot steps: one kernel call covers all k steps (several only when the snapshots
+        would exceed :attr:`SNAPSHOT_BYTES`).
         """
         model, trainer = self.model, self.model.trainer
         k = x.shape[-3]
@@ -76,7 +79,7 @@ class FusedEngine:
         every = trainer.log_every_n_steps
         check = model.escape_every()
         W, a = model.W.detach(), model.a.detach()
-        marks = set(range(check - start % check, k + 1, check))
+        marks = set(range(check - start % check, k + 1, check)) if self._escape_open else set()
         if every > 0:
             marks.update(range(every - start % every, k + 1, every))
         per_call = max(1, self.SNAPSHOT_BYTES // ((W.numel() + a.numel()) * W.element_size()))
@@ -99,10 +102,9 @@ class FusedEngine:
     def _record(self, steps: list[int], Ws: torch.Tensor, As: torch.Tensor, check: int, every: int) -> None:
         """Escape check and dynamics of the snapshots ``Ws``, ``As`` taken at ``steps`` (kept on device)."""
         model = self.model
-        at_check = [i for i, s in enumerate(steps) if s % check == 0]
+        at_check = [i for i, s in enumerate(steps) if s % check == 0] if self._escape_open else []
         if at_check:  # the check steps are evenly spaced by `check`
             model.update_escape(steps[at_check[0]], check, _select(Ws, at_check))
-            self._checked_at = steps[at_check[-1]]
         at_log = [i for i, s in enumerate(steps) if every > 0 and s % every == 0]
         if at_log:
             values = model.dynamics(_select(Ws, at_log), _select(As, at_log))
@@ -111,10 +113,10 @@ class FusedEngine:
     def flush(self) -> None:
         """Writes the snapshots and escapes of the last Lightning step (host syncs happen here)."""
         model = self.model
-        if self._checked_at is not None:
-            model.check_finite(self._checked_at)
+        model.check_finite(model.trainer.global_step)
+        if self._escape_open:
             model.log_new_escapes()
-            self._checked_at = None
+            self._escape_open = not bool(model._logged_escape.all())
         for steps, values in self._pending:
             model._log_dynamics_at(steps, values)
         if self._pending and "train/loss" in self._pending[-1][1]:
