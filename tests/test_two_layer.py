@@ -184,6 +184,21 @@ def test_divergence_names_step_eta_and_sigma(tmp_path):
         _trainer(tmp_path, 500, callbacks=[LabelNoise(sigma=50.0)]).fit(model, dm)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=pytest.mark.skipif(
+    "numba" not in __import__("lightning_lnsgd.kernels", fromlist=["x"]).available_backends(), reason="no numba"))])
+@pytest.mark.parametrize("every", [0, 50])
+def test_fused_divergence_is_caught_and_names_the_replica(tmp_path, backend, every):
+    """Also with logging off: the fused path checks the weights at the end of every Lightning step."""
+    model = TwoLayerLinear(dim=20, width=200, lr=[1e-3, 2.0], replicas=2, steps_per_batch=50, backend=backend)
+    dm = SparseTeacherDataModule(dim=20, n_train=50)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2000, logger=False, log_every_n_steps=every,
+                         callbacks=[LabelNoise(sigma=50.0)], enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
+    with pytest.raises(DivergenceError, match=r"step \d+ in replicas \[1\] with η=2, σ=50.*η·σ=100"):
+        trainer.fit(model, dm)
+    assert trainer.global_step < 2000
+
+
 def test_predict_and_validation_loss_on_the_sgd_step_grid(tmp_path):
     model = TwoLayerLinear(dim=4, width=8, lr=0.01, steps_per_batch=10, backend="torch")
     dm = SparseTeacherDataModule(dim=4, n_train=10, n_test=6, steps_per_epoch=3)
