@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["steps", "run"]
+__all__ = ["run", "steps", "steps_serial"]
 
 _FM = {"reassoc", "contract", "nsz"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True, error_model="numpy")
@@ -99,103 +99,115 @@ def _apply(P, W, a, OW, OA, zi, d):  # pragma: no cover - compiled
         OA[i] = acc
 
 
-@njit(**_OPTS)
-def steps(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA):  # pragma: no cover - compiled
-    """k SGD (``sam`` False) or SAM steps on every replica."""
-    R, m, d = W.shape
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r):  # pragma: no cover - compiled
+    """The k steps of replica r (see the module docstring)."""
+    _, m, d = W.shape
     k = x.shape[1]
     D = d + 1
-    shared = x.shape[0] == 1
-    for r in prange(R):
-        xr = np.int64(0) if shared else np.int64(r)
-        eta = np.float64(lr[r])
-        rr = np.float64(rho[r])
-        # Allocated per replica, by the thread that runs it: with one (R, …) array, two threads would write the
-        # cache line that two neighbouring replicas share at every step (measured: 2 replicas no faster than 1).
-        Sr = np.empty((D, D))
-        Pr = np.empty((D, D))
-        Vr = np.empty((10, D))
-        g, gp, e, f, se, sf, X, Y, eP, fP = Vr[0], Vr[1], Vr[2], Vr[3], Vr[4], Vr[5], Vr[6], Vr[7], Vr[8], Vr[9]
-        zi = X  # scratch for _apply outside the step loop
+    xr = np.int64(0) if x.shape[0] == 1 else np.int64(r)
+    eta = np.float64(lr[r])
+    rr = np.float64(rho[r])
+    # Allocated per replica, by the thread that runs it: with one (R, …) array, two threads would write the
+    # cache line that two neighbouring replicas share at every step (measured: 2 replicas no faster than 1).
+    Sr = np.empty((D, D))
+    Pr = np.empty((D, D))
+    Vr = np.empty((10, D))
+    g, gp, e, f, se, sf, X, Y, eP, fP = Vr[0], Vr[1], Vr[2], Vr[3], Vr[4], Vr[5], Vr[6], Vr[7], Vr[8], Vr[9]
+    zi = X  # scratch for _apply outside the step loop
+    for p in range(D):
+        for q in range(D):
+            Sr[p, q] = 0.0
+            Pr[p, q] = 0.0
+        Pr[p, p] = 1.0
+    for i in range(m):
+        for p in range(d):
+            zi[p] = W[r, i, p]
+        zi[d] = a[r, i]
         for p in range(D):
+            zp = zi[p]
             for q in range(D):
-                Sr[p, q] = 0.0
-                Pr[p, q] = 0.0
-            Pr[p, p] = 1.0
-        for i in range(m):
+                Sr[p, q] += zp * zi[q]
+    si = 0
+    for t in range(k):
+        xs = x[xr, t]
+        ys = y[xr, t]
+        _gradient(g, Sr[:d, d], Sr, xs, ys, d)  # g = (g, 0) is u
+        for p in range(D):
+            e[p] = 0.0
+        e[d] = 1.0
+        if sam:
+            _matvec(se, Sr, g)  # S u
+            nrm2 = Sr[d, d] * _dot(g, g) + _dot(g, se)  # ‖a‖²‖g‖² + gᵀWᵀWg
+            c = rr / (np.sqrt(nrm2) + eps) if normalize else rr
+            if nrm2 == 0.0:  # ∇ = 0: no perturbation whatever c is, and a huge c would only overflow P
+                c = 0.0
             for p in range(d):
-                zi[p] = W[r, i, p]
-            zi[d] = a[r, i]
-            for p in range(D):
-                zp = zi[p]
-                for q in range(D):
-                    Sr[p, q] += zp * zi[q]
-        si = 0
-        for t in range(k):
-            xs = x[xr, t]
-            ys = y[xr, t]
-            _gradient(g, Sr[:d, d], Sr, xs, ys, d)  # g = (g, 0) is u
-            for p in range(D):
-                e[p] = 0.0
-            e[d] = 1.0
-            if sam:
-                _matvec(se, Sr, g)  # S u
-                nrm2 = Sr[d, d] * _dot(g, g) + _dot(g, se)  # ‖a‖²‖g‖² + gᵀWᵀWg
-                c = rr / (np.sqrt(nrm2) + eps) if normalize else rr
-                if nrm2 == 0.0:  # ∇ = 0: no perturbation whatever c is, and a huge c would only overflow P
-                    c = 0.0
-                for p in range(d):
-                    e[p] = c * g[p]  # e = v + c u
-                _matvec(se, Sr, e)
-                for p in range(d):
-                    eP[p] = se[p] + c * g[p] * se[d]  # θ' = column d of (I + cU) S (I + cU)ᵀ
-                _gradient(gp, eP, Sr, xs, ys, d)  # u' = (g', 0)
-                for p in range(D):
-                    f[p] = gp[p]
-                f[d] = c * _dot(gp, g)
-            else:
-                for p in range(D):
-                    gp[p] = g[p]
-                    f[p] = g[p]
-                    se[p] = Sr[p, d]
-            _matvec(sf, Sr, f)
-            EE = _dot(e, se)
-            FF = _dot(f, sf)
-            GG = _dot(e, sf)
-            e2 = eta * eta
-            for p in range(D):
-                Y[p] = -eta * se[p] + 0.5 * e2 * EE * gp[p]
-                X[p] = -eta * sf[p] + e2 * GG * gp[p]
-            X[d] += 0.5 * e2 * FF
-            # S ← M S Mᵀ = S + Y u'ᵀ + u' Yᵀ + X vᵀ + v Xᵀ
-            for p in range(D):
-                yp = Y[p]
-                up = gp[p]
-                for q in range(D):
-                    Sr[p, q] += yp * gp[q] + up * Y[q]
-            for p in range(D):
-                Sr[p, d] += X[p]
-            for p in range(D):
-                Sr[d, p] += X[p]
-            # P ← M P = P − η (u' (eᵀP) + v (fᵀP))
-            for q in range(D):
-                acc_e = 0.0
-                acc_f = 0.0
-                for p in range(D):
-                    acc_e += e[p] * Pr[p, q]
-                    acc_f += f[p] * Pr[p, q]
-                eP[q] = acc_e
-                fP[q] = acc_f
+                e[p] = c * g[p]  # e = v + c u
+            _matvec(se, Sr, e)
             for p in range(d):
-                up = eta * gp[p]
-                for q in range(D):
-                    Pr[p, q] -= up * eP[q]
+                eP[p] = se[p] + c * g[p] * se[d]  # θ' = column d of (I + cU) S (I + cU)ᵀ
+            _gradient(gp, eP, Sr, xs, ys, d)  # u' = (g', 0)
+            for p in range(D):
+                f[p] = gp[p]
+            f[d] = c * _dot(gp, g)
+        else:
+            for p in range(D):
+                gp[p] = g[p]
+                f[p] = g[p]
+                se[p] = Sr[p, d]
+        _matvec(sf, Sr, f)
+        EE = _dot(e, se)
+        FF = _dot(f, sf)
+        GG = _dot(e, sf)
+        e2 = eta * eta
+        for p in range(D):
+            Y[p] = -eta * se[p] + 0.5 * e2 * EE * gp[p]
+            X[p] = -eta * sf[p] + e2 * GG * gp[p]
+        X[d] += 0.5 * e2 * FF
+        # S ← M S Mᵀ = S + Y u'ᵀ + u' Yᵀ + X vᵀ + v Xᵀ
+        for p in range(D):
+            yp = Y[p]
+            up = gp[p]
             for q in range(D):
-                Pr[d, q] -= eta * fP[q]
-            if si < snap.shape[0] and snap[si] == t + 1:
-                _apply(Pr, W[r], a[r], SW[si, r], SA[si, r], zi, d)
-                si += 1
-        _apply(Pr, W[r], a[r], W[r], a[r], zi, d)
+                Sr[p, q] += yp * gp[q] + up * Y[q]
+        for p in range(D):
+            Sr[p, d] += X[p]
+        for p in range(D):
+            Sr[d, p] += X[p]
+        # P ← M P = P − η (u' (eᵀP) + v (fᵀP))
+        for q in range(D):
+            acc_e = 0.0
+            acc_f = 0.0
+            for p in range(D):
+                acc_e += e[p] * Pr[p, q]
+                acc_f += f[p] * Pr[p, q]
+            eP[q] = acc_e
+            fP[q] = acc_f
+        for p in range(d):
+            up = eta * gp[p]
+            for q in range(D):
+                Pr[p, q] -= up * eP[q]
+        for q in range(D):
+            Pr[d, q] -= eta * fP[q]
+        if si < snap.shape[0] and snap[si] == t + 1:
+            _apply(Pr, W[r], a[r], SW[si, r], SA[si, r], zi, d)
+            si += 1
+    _apply(Pr, W[r], a[r], W[r], a[r], zi, d)
+
+
+@njit(**_OPTS)
+def steps(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA):  # pragma: no cover - compiled
+    """k SGD (``sam`` False) or SAM steps on every replica, replicas spread over numba's threads."""
+    for r in prange(W.shape[0]):
+        _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r)
+
+
+@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
+def steps_serial(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA):  # pragma: no cover - compiled
+    """:func:`steps` on the calling thread alone, for one replica: no OpenMP team is woken (see :func:`run`)."""
+    for r in range(W.shape[0]):
+        _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r)
 
 
 def run(
@@ -208,4 +220,8 @@ def run(
         snapshots = (np.empty(0, np.int64), np.empty((0, R, m, d), W.dtype), np.empty((0, R, m), W.dtype))
     sam = rho is not None
     rho_arr = rho if sam else lr
-    steps(W, a, x, y, lr, rho_arr, sam, bool(normalize), 1e-12, *snapshots)
+    # One replica runs outside numba's thread pool: after a parallel call its idle OpenMP workers keep spinning.
+    # (Measured with a parallel call for one replica: two single-run CLI jobs started together on the 2-core
+    # machine took 15–23 s, 7.4–7.9 s with NUMBA_NUM_THREADS=1.)
+    kernel = steps_serial if R == 1 else steps
+    kernel(W, a, x, y, lr, rho_arr, sam, bool(normalize), 1e-12, *snapshots)
