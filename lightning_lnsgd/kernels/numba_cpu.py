@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["run", "steps", "steps_serial"]
+__all__ = ["run", "steps"]
 
 _FM = {"reassoc", "contract", "nsz"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True, error_model="numpy")
@@ -203,13 +203,6 @@ def steps(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA):  # pragma: no
         _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r)
 
 
-@njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def steps_serial(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA):  # pragma: no cover - compiled
-    """:func:`steps` on the calling thread alone, for one replica: no OpenMP team is woken (see :func:`run`)."""
-    for r in range(W.shape[0]):
-        _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r)
-
-
 def run(
     W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool, snapshots=None
 ) -> None:
@@ -220,8 +213,4 @@ def run(
         snapshots = (np.empty(0, np.int64), np.empty((0, R, m, d), W.dtype), np.empty((0, R, m), W.dtype))
     sam = rho is not None
     rho_arr = rho if sam else lr
-    # One replica runs outside numba's thread pool: after a parallel call its idle OpenMP workers keep spinning.
-    # (Measured with a parallel call for one replica: two single-run CLI jobs started together on the 2-core
-    # machine took 15–23 s, 7.4–7.9 s with NUMBA_NUM_THREADS=1.)
-    kernel = steps_serial if R == 1 else steps
-    kernel(W, a, x, y, lr, rho_arr, sam, bool(normalize), 1e-12, *snapshots)
+    steps(W, a, x, y, lr, rho_arr, sam, bool(normalize), 1e-12, *snapshots)
