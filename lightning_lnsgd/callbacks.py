@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, Union
 
 import pytorch_lightning as pl
