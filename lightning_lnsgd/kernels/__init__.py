@@ -95,6 +95,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _per_replica(v: Union[float, Tensor], R: int, like: Tensor, name: str) -> Tensor:
+    if not isinstance(v, Tensor):  # a fill, not a host-to-device copy (which would synchronise a CUDA stream)
+        return torch.full((R,), float(v), dtype=like.dtype, device=like.device)
     t = torch.as_tensor(v, dtype=like.dtype, device=like.device).reshape(-1)
     if t.numel() == 1:
         t = t.expand(R)
@@ -162,7 +164,8 @@ def run_steps_torch(
     if not rep:
         lr_t = lr_t.reshape(())
     rho_t = None if sam_rho is None else _per_replica(sam_rho, R, W, "sam_rho")
-    lr_step: Union[float, Tensor] = lr_t if rep else float(lr_t)
+    # One network: a Python float (an `alpha`), read from the host when given as one (float() of a CUDA tensor syncs).
+    lr_step: Union[float, Tensor] = lr_t if rep else (float(lr) if not isinstance(lr, Tensor) else float(lr_t))
     if rho_t is None:
         for xt, yt in zip(x.unbind(-3), y.unbind(-2)):  # unbind: one call for all k step views
             F.sgd_step_(W, a, xt, yt, lr_step)
