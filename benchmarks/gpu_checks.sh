@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and timing of the project in one command, for a machine with one CUDA GPU (≈ 5 min on an H200;
-# each part has its own time limit, 9 min in all). CI never has a GPU: run it by hand, or through the project's
+# each part has its own time limit, 560 s in all). CI never has a GPU: run it by hand, or through the project's
 # device tool (one call, then give the machine back):
 #
 #     bash benchmarks/gpu_checks.sh [OUTDIR]      # logs and JSON in OUTDIR, else $OUT, else ./gpu_results
