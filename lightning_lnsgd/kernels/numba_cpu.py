@@ -82,21 +82,30 @@ def _dot(u, v):  # pragma: no cover - compiled
 
 
 @njit(**_INLINE)
-def _apply(P, W, a, OW, OA, zi, d):  # pragma: no cover - compiled
-    """``(OW[i], OA[i]) = P (W[i], a[i])`` for every neuron i (OW/OA may be W/a: each zᵢ is read before it is written)."""
+def _apply(P, W, a, OW, OA, d):  # pragma: no cover - compiled
+    """``(OW[i], OA[i]) = P (W[i], a[i])`` for every neuron i (OW/OA may be W/a: each zᵢ is read before it is written).
+
+    Accumulates ``Σ_q z_q P[:, q]`` (axpys over a column of P, SIMD across the outputs) rather than one dot product
+    per output, which would end in a horizontal sum each."""
+    D = d + 1
+    PT = np.empty((D, D))
+    for p in range(D):
+        for q in range(D):
+            PT[q, p] = P[p, q]
+    acc = np.empty(D)
     for i in range(W.shape[0]):
+        for p in range(D):
+            acc[p] = 0.0
+        for q in range(d):
+            zq = np.float64(W[i, q])
+            for p in range(D):
+                acc[p] += zq * PT[q, p]
+        zq = np.float64(a[i])
+        for p in range(D):
+            acc[p] += zq * PT[d, p]
         for p in range(d):
-            zi[p] = W[i, p]
-        zi[d] = a[i]
-        for p in range(d):
-            acc = 0.0
-            for q in range(d + 1):
-                acc += P[p, q] * zi[q]
-            OW[i, p] = acc
-        acc = 0.0
-        for q in range(d + 1):
-            acc += P[d, q] * zi[q]
-        OA[i] = acc
+            OW[i, p] = acc[p]
+        OA[i] = acc[d]
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
@@ -114,7 +123,7 @@ def _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r):  # prag
     Pr = np.empty((D, D))
     Vr = np.empty((10, D))
     g, gp, e, f, se, sf, X, Y, eP, fP = Vr[0], Vr[1], Vr[2], Vr[3], Vr[4], Vr[5], Vr[6], Vr[7], Vr[8], Vr[9]
-    zi = X  # scratch for _apply outside the step loop
+    zi = X  # scratch: one neuron's (w, a) while S is summed (X is free before the first step)
     for p in range(D):
         for q in range(D):
             Sr[p, q] = 0.0
@@ -191,9 +200,9 @@ def _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r):  # prag
         for q in range(D):
             Pr[d, q] -= eta * fP[q]
         if si < snap.shape[0] and snap[si] == t + 1:
-            _apply(Pr, W[r], a[r], SW[si, r], SA[si, r], zi, d)
+            _apply(Pr, W[r], a[r], SW[si, r], SA[si, r], d)
             si += 1
-    _apply(Pr, W[r], a[r], W[r], a[r], zi, d)
+    _apply(Pr, W[r], a[r], W[r], a[r], d)
 
 
 @njit(**_OPTS)
