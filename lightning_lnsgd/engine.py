@@ -39,7 +39,7 @@ class FusedEngine:
     def __init__(self, model: TwoLayerLinear) -> None:
         trainer = model.trainer  # world_size > 1 is refused in TwoLayerLinear.setup
         self.model = model
-        self.backend = kernels.resolve_backend(model.hparams.backend, model.W.device)
+        self.backend = kernels.resolve_backend(model.hparams.backend, model.W.device, tuple(model.W.shape[-2:]))
         sam = sam_settings(trainer.strategy)
         if sam is not None and sam[2]:
             raise ValueError(

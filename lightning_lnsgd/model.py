@@ -47,7 +47,7 @@ class TwoLayerLinear(pl.LightningModule):
             optimisation; works with any strategy, DDP included); ``"torch"``, ``"numba"``,
             ``"triton"``: the fused closed-form path on that backend; ``"auto"``: the generic path
             for one unstacked network with ``steps_per_batch=1``, else the fused path on the
-            fastest backend for the device (triton on CUDA, numba on CPU, torch otherwise).
+            fastest backend for the device (triton on CUDA, numba on CPU when width ≥ dim, torch otherwise).
         log_replicas: per-replica tags (``…/r3``) are written when K ≤ this; the mean over
             replicas is always written under the plain tag.
 

@@ -209,3 +209,14 @@ def test_triton_backend_through_fit_matches_torch_backend():
     ref, _ = fit(steps=30, backend="torch", replicas=2, steps_per_batch=10, accelerator=acc)
     tri, _ = fit(steps=30, backend="triton", replicas=2, steps_per_batch=10, accelerator=acc)
     assert close(tri.W.cpu(), ref.W.cpu()) and close(tri.a.cpu(), ref.a.cpu())
+
+
+def test_auto_backend_follows_the_layer_shape():
+    """auto: numba when width ≥ dim (its cost per step grows as dim²), the torch loop over W otherwise."""
+    wide, _ = fit(steps=20, steps_per_batch=10)  # width 12, dim 6
+    narrow = TwoLayerLinear(dim=6, width=4, steps_per_batch=10, seed=2, lr=0.01)
+    dm = SparseTeacherDataModule(dim=6, n_train=20, batch_size=2, seed=3)
+    pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0).fit(narrow, dm)
+    assert wide._engine.backend == ("numba" if "numba" in available_backends() else "torch")
+    assert narrow._engine.backend == "torch"

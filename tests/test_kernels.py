@@ -249,8 +249,13 @@ def test_auto_and_fallback_without_numba_or_triton(monkeypatch):
     check("auto", 2, 8, 3, 50, 1, torch.float64, 0.05)
 
 
-def test_auto_picks_numba_on_cpu():
-    assert K.resolve_backend("auto", torch.device("cpu")) == ("numba" if HAS_NUMBA else "torch")
+def test_auto_picks_numba_on_cpu_unless_the_input_is_wider_than_the_layer():
+    cpu = torch.device("cpu")
+    assert K.resolve_backend("auto", cpu) == ("numba" if HAS_NUMBA else "torch")
+    assert K.resolve_backend("auto", cpu, (1000, 20)) == ("numba" if HAS_NUMBA else "torch")
+    assert K.resolve_backend("auto", cpu, (50, 200)) == "torch"  # numba's cost per step grows as d²
+    if HAS_NUMBA:
+        assert K.resolve_backend("numba", cpu, (50, 200)) == "numba"  # asked for by name: honoured
 
 
 def test_package_imports_without_numba_and_triton(monkeypatch):

@@ -22,7 +22,8 @@ A step's map is ``M = I − η L`` with ``L = u' eᵀ + v fᵀ`` (SGD: ``u' = u`
 independent of the width m, instead of the O(m d) of a step on W. The weights themselves are ``zᵢ ← P zᵢ`` at the
 end of the call and at each snapshot step, O(m (d+1)²) each. The result equals the step-by-step recursion to
 rounding; it is more accurate than it (float64 moments; about 3e-8 relative to a float64 run after 10k float32
-steps, where a float32 step-by-step loop is at 2.5e-6).
+steps, where a float32 step-by-step loop is at 2.5e-6). The price: a step costs O(d²) however narrow the layer, so
+for d > m a loop over W does less work, and ``backend="auto"`` then picks the torch backend instead.
 
 Snapshots: the kernel takes ``snap`` ``(S,)`` (increasing step counts in 1..k) and buffers ``SW`` ``(S, R, m, d)``,
 ``SA`` ``(S, R, m)``; after ``snap[s]`` steps replica r's weights are written to ``SW[s, r]``, ``SA[s, r]`` (S = 0:
