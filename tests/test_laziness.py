@@ -12,13 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_lnsgd.laziness import Laziness, empirical_ntk, kernel_distance, linearization_gap
 from lightning_lnsgd.resnet import ResNet18
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
