@@ -117,11 +117,12 @@ class FusedEngine:
         if self._escape_open:
             model.log_new_escapes()
             self._escape_open = not bool(model._logged_escape.all())
+        last: dict[str, float] = {}
         for steps, values in self._pending:
-            model._log_dynamics_at(steps, values)
-        if self._pending and "train/loss" in self._pending[-1][1]:
+            last = model._log_dynamics_at(steps, values)
+        if "train/loss" in last:
             # For StepProgressBar (Lightning's self.log costs ~1 ms a call, more than 1000 fused steps).
-            model.progress_metrics = {"loss": float(self._pending[-1][1]["train/loss"][-1].mean())}
+            model.progress_metrics = {"loss": last["train/loss"]}
         self._pending.clear()
 
 

@@ -299,8 +299,10 @@ class TwoLayerLinear(pl.LightningModule):
     def _log_dynamics(self, step: int) -> None:
         self._log_dynamics_at([step], {tag: v.unsqueeze(0) for tag, v in self.dynamics().items()})
 
-    def _log_dynamics_at(self, steps: list[int], values: dict[str, torch.Tensor]) -> None:
-        """Logs ``values`` (each ``(len(steps), …)``) at ``steps``: one device-to-host copy per tag."""
+    def _log_dynamics_at(self, steps: list[int], values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Logs ``values`` (each ``(len(steps), …)``) at ``steps``: one device-to-host copy per tag.
+
+        Returns what was logged at the last step."""
         host = {tag: v.detach().double().cpu() for tag, v in values.items()}
         finite = torch.stack([torch.isfinite(v).reshape(len(steps), -1).all(1) for v in host.values()]).all(0)
         if not bool(finite.all()):
@@ -313,6 +315,7 @@ class TwoLayerLinear(pl.LightningModule):
                 if vi.ndim and len(vi) <= self.hparams.log_replicas:
                     flat.update({f"{tag}/r{k}": float(x) for k, x in enumerate(vi.tolist())})
             self._log_scalars(flat, step)
+        return flat
 
     def _log_scalars(self, values: dict[str, float], step: int) -> None:
         for logger in self.loggers:
