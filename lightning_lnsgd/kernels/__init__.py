@@ -210,7 +210,7 @@ def run_steps(
         sam_normalize: SAM's ε = ρ g/(‖g‖ + 1e-12) (True) or ε = ρ g (False).
         backend: ``"auto"``, ``"torch"``, ``"numba"`` or ``"triton"``.
         snapshots: step counts ``0 < t₁ < t₂ < … ≤ k``: after ``tᵢ`` of the ``k`` steps, a copy of the weights is
-            kept. The numba kernel copies them inside its step loop (one call for all k steps); the other backends
+            kept. The numba kernel writes them from inside its step loop (one call for all k steps); the other backends
             run the steps between two snapshots as separate calls.
 
     Returns:

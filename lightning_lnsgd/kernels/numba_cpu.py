@@ -48,8 +48,8 @@ _INLINE = dict(inline="always", cache=True, fastmath=_FM, nogil=True, error_mode
 
 
 @njit(**_INLINE)
-def _gradient(g, theta_col, S, xs, ys, d):  # pragma: no cover - compiled
-    """``g[:d] = (1/B) Σ_b (θ·x_b − y_b) x_b`` with θ read from column ``theta_col`` of ``S`` (rows :d); ``g[d] = 0``."""
+def _gradient(g, theta_col, xs, ys, d):  # pragma: no cover - compiled
+    """``g[:d] = (1/B) Σ_b (θ·x_b − y_b) x_b`` with θ = ``theta_col[:d]``; ``g[d] = 0``."""
     B = xs.shape[0]
     for j in range(d + 1):
         g[j] = 0.0
@@ -142,7 +142,7 @@ def _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r):  # prag
     for t in range(k):
         xs = x[xr, t]
         ys = y[xr, t]
-        _gradient(g, Sr[:d, d], Sr, xs, ys, d)  # g = (g, 0) is u
+        _gradient(g, Sr[:d, d], xs, ys, d)  # g = (g, 0) is u
         for p in range(D):
             e[p] = 0.0
         e[d] = 1.0
@@ -157,7 +157,7 @@ def _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r):  # prag
             _matvec(se, Sr, e)
             for p in range(d):
                 eP[p] = se[p] + c * g[p] * se[d]  # θ' = column d of (I + cU) S (I + cU)ᵀ
-            _gradient(gp, eP, Sr, xs, ys, d)  # u' = (g', 0)
+            _gradient(gp, eP, xs, ys, d)  # u' = (g', 0)
             for p in range(D):
                 f[p] = gp[p]
             f[d] = c * _dot(gp, g)
