@@ -5,7 +5,7 @@
 
 Settings (paper, Fig. 2): m = 1000, d = 20, n = 200 points sampled with replacement, η = 1e-3, Rademacher label
 noise σ = 4, batch 1, float32, NTK init. Samples and noisy targets are drawn up front (outside the timings), as the
-project's engine does before calling :func:`lightning_lnsgd.kernels.run_steps`. Every timing is the best of
+project's engine does before calling :func:`lightning_lnsgd.twolayer.kernels.run_steps`. Every timing is the best of
 ``--repeat`` runs (the machines are shared and noisy); ratios are against the C yardstick timed in the same command.
 Also prints mean ‖wᵢ‖² after the run (≈ 0.16 after 100k steps, as the C loop gives).
 """
@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_lnsgd import functional as F  # noqa: E402
-from lightning_lnsgd.kernels import run_steps  # noqa: E402
+from lightning_lnsgd.twolayer import functional as F  # noqa: E402
+from lightning_lnsgd.twolayer.kernels import run_steps  # noqa: E402
 
 M, D, N, LR, SIGMA = 1000, 20, 200, 1e-3, 4.0
 YARDSTICK = Path(__file__).resolve().parents[1] / "shared" / "anchors" / "limit_cpu.c"
@@ -135,7 +135,7 @@ def benchmark_triton(replicas=(1, 132, 264, 528), steps: int = 100_000, repeat: 
 
 def sweep_triton_warps(replicas=(1, 132), steps: int = 20_000, warps=(4, 8, 16, 32)):
     """Prints replica-steps/s of the triton kernel for several ``num_warps`` (tuning aid for the GPU)."""
-    from lightning_lnsgd.kernels import triton_gpu
+    from lightning_lnsgd.twolayer.kernels import triton_gpu
 
     for R in replicas:
         W0, a0, x, y = paper_problem(R, steps, device="cuda")

@@ -34,9 +34,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lnsgd.callbacks import DynamicsMonitor
-from lightning_lnsgd.noise import LabelNoise
-from lightning_lnsgd.sam import SAMStrategy
-from lightning_lnsgd.vision import ImageClassifier
+from lightning_lnsgd.callbacks.label_noise import LabelNoise
+from lightning_lnsgd.strategies.sam import SAMStrategy
+from lightning_lnsgd.examples.vision import ImageClassifier
 
 SETTINGS = ("sgd", "label_noise", "dynamics", "sam")
 TARGETS = {"label_noise": 1.02, "dynamics": 1.05, "sam": 2.1}  # max step-time ratio vs sgd

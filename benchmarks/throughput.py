@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     import logging
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    from lightning_lnsgd.kernels import available_backends
+    from lightning_lnsgd.twolayer.kernels import available_backends
 
     rows: list[tuple[str, float]] = []
 

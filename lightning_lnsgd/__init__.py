@@ -1,18 +1,21 @@
-"""lightning_lnsgd: label-noise SGD and SAM as PyTorch Lightning plug-ins (arXiv 2603.10397)."""
+"""lightning_lnsgd: label-noise SGD and SAM as PyTorch Lightning plug-ins (arXiv 2603.10397).
 
-from .callbacks import DynamicsMonitor, HParamsSummary, PruningCurve
-from .cifar import CIFAR10DataModule
-from .classification import GaussianMixtureDataModule, MLPClassifier
-from .data import SparseTeacherDataModule
-from .laziness import Laziness
-from .model import DivergenceError, TwoLayerLinear
-from .noise import LabelNoise
-from .oscillation import OscillationOnly
-from .progress import StepProgressBar
-from .resnet import ResNet18
-from .sam import SAMDDPStrategy, SAMStrategy, is_perturbed_pass, sam_perturbation
+Layout: ``callbacks``, ``strategies`` and ``metrics`` are the plug-ins for any LightningModule; ``twolayer`` is
+the paper's model with its data, fused engine and kernels; ``examples`` are the real-network examples.
+"""
+
+from .callbacks import DynamicsMonitor, HParamsSummary, LabelNoise, Laziness, PruningCurve
+from .examples import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    GaussianMixtureDataModule,
+    ImageClassifier,
+    MLPClassifier,
+    ResNet18,
+)
 from .rng import CounterRNG
-from .vision import DigitsDataModule, ImageClassifier
+from .strategies import SAMDDPStrategy, SAMStrategy, is_perturbed_pass, sam_perturbation
+from .twolayer import DivergenceError, OscillationOnly, SparseTeacherDataModule, StepProgressBar, TwoLayerLinear
 
 __all__ = [
     "CIFAR10DataModule",

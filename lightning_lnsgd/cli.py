@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
+from .compat import pl
+from .compat import LightningCLI
 
 __all__ = ["LNSGDCLI", "main", "LINKED_DATA_ARGS"]
 

@@ -1,5 +1,18 @@
+"""Shared test helpers: the Lightning package under test, one quiet Trainer factory, one TensorBoard reader.
+
+* ``lightning`` (fixture, parametrised): each installed Lightning package (``pytorch_lightning`` and, when the
+  ``lightning`` extra is installed, ``lightning.pytorch``), so a plug-in test that takes it runs against both.
+* ``make_trainer(**overrides)``: a quiet CPU Trainer of the served package (no logger, checkpoints, progress bar,
+  model summary or sanity check unless asked for); ``make_trainer(package=lightning, ...)`` builds one of another
+  package.
+* ``read_scalars(run_dir)``: every scalar tag under a run directory, ``{tag: [(step, value), ...]}`` — the
+  package's own :func:`lightning_lnsgd.report.load_scalars`, the reader that ``report`` uses.
+"""
+
 import logging
 import os
+from types import ModuleType
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -10,9 +23,42 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from lightning_lnsgd import compat  # noqa: E402
+from lightning_lnsgd.report import load_scalars  # noqa: E402
+
 # Lightning prints device and tip banners at INFO on every Trainer; tests only care about results.
-for _name in ("pytorch_lightning", "lightning_fabric"):
+for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+#: Installed Lightning packages, the served one first.
+LIGHTNING_PACKAGES = compat.INSTALLED
+
+QUIET = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+
+
+def make_trainer(package: Optional[ModuleType] = None, **overrides: Any) -> Any:
+    """A quiet CPU ``Trainer`` of ``package`` (default: the package ``lightning_lnsgd`` serves)."""
+    pkg = compat.pl if package is None else package
+    return pkg.Trainer(**{**QUIET, **overrides})
+
+
+def read_scalars(run_dir: Any) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of every scalar under ``run_dir`` (see :func:`lightning_lnsgd.report.load_scalars`)."""
+    return load_scalars(run_dir)
+
+
+@pytest.fixture(params=LIGHTNING_PACKAGES, ids=lambda name: name.split(".")[0])
+def lightning(request: pytest.FixtureRequest) -> ModuleType:
+    """Each installed Lightning package in turn (``pytorch_lightning``, ``lightning.pytorch``)."""
+    return compat.package(request.param)
 
 
 @pytest.fixture
@@ -23,3 +69,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # GPU tests need CUDA; on a machine without it they are reported as skipped, never silently dropped.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,89 @@
+"""The contract between the plug-ins and a LightningModule that runs many SGD steps per Lightning step.
+
+The plug-ins (:class:`~lightning_lnsgd.LabelNoise`, the SAM strategies) work on any LightningModule, where one
+Lightning step is one SGD step of one network. A module may instead fuse work into one Lightning step: run ``k``
+SGD steps on a batch that holds the samples of all of them, and/or train ``R`` independent networks ("replicas")
+stacked along a leading axis. Such a module tells the plug-ins so by implementing :class:`MultiStepModule`; the
+plug-ins know nothing else about it. The paper's :class:`~lightning_lnsgd.TwoLayerLinear` implements it on its fused
+path; a module that does not implement it is treated as one network, one SGD step per Lightning step.
+
+What each side relies on:
+
+* **Noise layout** (:meth:`MultiStepModule.step_layout`). For the coming Lightning step the module returns a
+  :class:`StepLayout`, or ``None`` when it runs one plain SGD step (its generic path). With a layout, the label
+  tensor of the training batch has leading axes ``(R, k)`` (replicas) or ``(k,)`` (no replicas): row ``i`` holds the
+  labels of SGD step ``trainer.global_step + i``. ``LabelNoise`` draws one noise row per SGD step, so a fused run sees
+  exactly the noise that ``k`` Lightning steps of one SGD step each would see, and replica ``r`` draws from its own
+  stream, seeded by ``replica_seeds[r]``: the same replica seed gives the same noise whatever else is stacked.
+* **Step count**. The module advances ``trainer.global_step`` by the ``k`` SGD steps it ran, so schedules, logging
+  intervals and ``max_steps`` count SGD steps on every path.
+* **SAM** (:attr:`MultiStepModule.runs_sam_step`). ``True`` means the module applies the SAM step itself inside its
+  fused steps, with the strategy's ``rho``, ``normalize`` and ``adaptive``; the SAM strategy then runs no step of its
+  own and leaves the module's (manual) optimisation alone.
+* **Per-replica settings**. A plug-in setting given as a list (``LabelNoise(sigma=[…])``, ``SAMStrategy(rho=[…])``)
+  has one value per stacked replica; it is accepted only for a module whose layout has exactly that many replicas
+  (and, for ``rho``, that runs the SAM step itself).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Protocol, runtime_checkable
+
+__all__ = ["MultiStepModule", "StepLayout", "step_layout"]
+
+
+class StepLayout(NamedTuple):
+    """How one Lightning step's batch is laid out: see :mod:`lightning_lnsgd.protocol`."""
+
+    #: One noise-stream seed per stacked replica (leading label axis ``R``), or ``None`` for one network.
+    replica_seeds: Optional[tuple[int, ...]]
+    #: SGD steps ``k`` run in this Lightning step (label axis after the replica axis), ≥ 1.
+    steps: int
+
+    @property
+    def replicas(self) -> Optional[int]:
+        """``R``, the number of stacked replicas, or ``None``."""
+        return None if self.replica_seeds is None else len(self.replica_seeds)
+
+    @property
+    def leading_shape(self) -> tuple[int, ...]:
+        """The leading label axes the layout implies: ``(R, k)`` or ``(k,)``."""
+        return (self.steps,) if self.replica_seeds is None else (len(self.replica_seeds), self.steps)
+
+
+@runtime_checkable
+class MultiStepModule(Protocol):
+    """A LightningModule that runs ``k`` SGD steps and/or ``R`` stacked replicas per Lightning step."""
+
+    @property
+    def runs_sam_step(self) -> bool:
+        """Whether the module applies the SAM step itself (see :mod:`lightning_lnsgd.protocol`)."""
+        ...
+
+    def step_layout(self) -> Optional[StepLayout]:
+        """The layout of the coming Lightning step's batch, or ``None`` for one plain SGD step."""
+        ...
+
+
+def step_layout(module: object) -> Optional[StepLayout]:
+    """``module.step_layout()`` for a :class:`MultiStepModule`, checked; ``None`` for any other module."""
+    if not isinstance(module, MultiStepModule):
+        return None
+    layout = module.step_layout()
+    if layout is None:
+        return None
+    if not isinstance(layout, StepLayout):
+        raise TypeError(
+            f"{type(module).__name__}.step_layout() returned {layout!r}; it must return a "
+            "lightning_lnsgd.protocol.StepLayout or None."
+        )
+    if isinstance(layout.steps, bool) or not isinstance(layout.steps, int) or layout.steps < 1:
+        raise ValueError(f"{type(module).__name__}.step_layout(): steps={layout.steps!r} must be an int >= 1.")
+    if layout.replica_seeds is not None and len(layout.replica_seeds) == 0:
+        raise ValueError(f"{type(module).__name__}.step_layout(): replica_seeds is empty; use None for one network.")
+    return layout
+
+
+def runs_sam_step(module: object) -> bool:
+    """Whether ``module`` is a :class:`MultiStepModule` that applies the SAM step itself."""
+    return isinstance(module, MultiStepModule) and bool(module.runs_sam_step)

@@ -1,0 +1,8 @@
+"""The paper's model: the two-layer linear network, its sparse-teacher data, fused engine and kernels."""
+
+from .data import SparseTeacherDataModule
+from .model import DivergenceError, TwoLayerLinear
+from .oscillation import OscillationOnly
+from .progress import StepProgressBar
+
+__all__ = ["DivergenceError", "OscillationOnly", "SparseTeacherDataModule", "StepProgressBar", "TwoLayerLinear"]

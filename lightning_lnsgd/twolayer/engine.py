@@ -1,0 +1,139 @@
+"""The fused path of :class:`~lightning_lnsgd.model.TwoLayerLinear`: k SGD steps per Lightning step.
+
+Per Lightning step the datamodule has drawn the samples of all k steps (and all replicas) and the
+:class:`~lightning_lnsgd.noise.LabelNoise` callback has noised their targets, following the
+module's ``label_noise_layout()``. The engine runs the k steps with one call of
+:func:`lightning_lnsgd.kernels.run_steps` (torch, numba or triton) that keeps a copy of the weights at
+each step of the escape-check and logging grids, and records from those copies, on the device and
+without a host sync, the escape step and the dynamics at each logging step. :meth:`FusedEngine.flush`
+(called by the model at the end of its training step) writes them to the loggers: the only host syncs are
+one per Lightning step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..compat import add_optimizer_steps
+from . import kernels
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import TwoLayerLinear
+
+__all__ = ["FusedEngine", "sam_settings"]
+
+
+def sam_settings(strategy: object) -> tuple[float, bool, bool] | None:
+    """``(rho, normalize, adaptive)`` when ``strategy`` is one of the SAM strategies, else ``None``."""
+    from ..strategies.sam import SAMDDPStrategy, SAMStrategy
+
+    if isinstance(strategy, (SAMStrategy, SAMDDPStrategy)):
+        return strategy.rho, strategy.normalize, strategy.adaptive
+    return None
+
+
+class FusedEngine:
+    """Runs the fused closed-form steps of one :class:`TwoLayerLinear` inside a Lightning fit."""
+
+    def __init__(self, model: TwoLayerLinear) -> None:
+        trainer = model.trainer  # world_size > 1 is refused in TwoLayerLinear.setup
+        self.model = model
+        self.backend = kernels.resolve_backend(model.hparams.backend, model.W.device, tuple(model.W.shape[-2:]))
+        sam = sam_settings(trainer.strategy)
+        if sam is not None and sam[2]:
+            raise ValueError(
+                "TwoLayerLinear: adaptive SAM (ASAM) is not available on the fused path; use backend='autograd' "
+                "with the SAM strategy, or adaptive=False."
+            )
+        self.sam_rho, self.sam_normalize = (None, True) if sam is None else (sam[0], sam[1])
+        if isinstance(self.sam_rho, list):
+            R = None if model.replica_seeds is None else len(model.replica_seeds)
+            if R != len(self.sam_rho):
+                raise ValueError(
+                    f"TwoLayerLinear: the SAM strategy has {len(self.sam_rho)} values of rho (one per replica) "
+                    f"but the model has replicas={R}."
+                )
+            self.sam_rho = torch.tensor(self.sam_rho, dtype=model.W.dtype, device=model.W.device)
+        lr = model.lr_per_replica
+        self.lr: float | torch.Tensor = float(lr) if lr.ndim == 0 else lr
+        self._pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
+        # Host-side: does some replica still wait for its escape step? Read at flush; once every replica has
+        # escaped, the check grid needs no more weight snapshots.
+        self._escape_open = not bool((model.escape_step >= 0).all())
+
+    #: Upper bound on the weight snapshots one kernel call keeps (bytes); more marks mean more calls.
+    SNAPSHOT_BYTES = 64 * 2**20
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Runs the ``k = x.shape[-3]`` SGD steps of one batch and advances ``global_step`` by k.
+
+        The steps on the escape-check grid (until every replica has escaped) and on the logging grid inside the
+        batch are the kernel's snapshot steps: one kernel call covers all k steps (several only when the snapshots
+        would exceed :attr:`SNAPSHOT_BYTES`).
+        """
+        model, trainer = self.model, self.model.trainer
+        k = x.shape[-3]
+        start = trainer.global_step
+        every = trainer.log_every_n_steps
+        check = model.escape_every()
+        W, a = model.W.detach(), model.a.detach()
+        marks = set(range(check - start % check, k + 1, check)) if self._escape_open else set()
+        if every > 0:
+            marks.update(range(every - start % every, k + 1, every))
+        per_call = max(1, self.SNAPSHOT_BYTES // ((W.numel() + a.numel()) * W.element_size()))
+        ordered = sorted(marks)
+        groups = [ordered[i : i + per_call] for i in range(0, len(ordered), per_call)] or [[]]
+        pos = 0
+        for n, group in enumerate(groups):
+            end = k if n == len(groups) - 1 else group[-1]
+            out = kernels.run_steps(
+                W, a, x[..., pos:end, :, :], y[..., pos:end, :], self.lr,
+                sam_rho=self.sam_rho, sam_normalize=self.sam_normalize, backend=self.backend,
+                snapshots=[t - pos for t in group] if group else None,
+            )
+            if out is not None:
+                self._record([start + t for t in group], *out, check, every)
+            pos = end
+        # Lightning counts optimizer steps; the fused steps are the run's SGD steps.
+        add_optimizer_steps(trainer, k)
+
+    def _record(self, steps: list[int], Ws: torch.Tensor, As: torch.Tensor, check: int, every: int) -> None:
+        """Escape check and dynamics of the snapshots ``Ws``, ``As`` taken at ``steps`` (kept on device)."""
+        model = self.model
+        at_check = [i for i, s in enumerate(steps) if s % check == 0] if self._escape_open else []
+        if at_check:  # the check steps are evenly spaced by `check`
+            model.update_escape(steps[at_check[0]], check, _select(Ws, at_check))
+        at_log = [i for i, s in enumerate(steps) if every > 0 and s % every == 0]
+        if at_log:
+            values = model.dynamics(_select(Ws, at_log), _select(As, at_log))
+            self._pending.append(([steps[i] for i in at_log], values))
+
+    def flush(self) -> None:
+        """Writes the snapshots and escapes of the last Lightning step (host syncs happen here)."""
+        model = self.model
+        model.check_finite(model.trainer.global_step)
+        if self._escape_open:
+            model.log_new_escapes()
+            self._escape_open = not bool(model._logged_escape.all())
+        last: dict[str, float] = {}
+        for steps, values in self._pending:
+            last = model._log_dynamics_at(steps, values)
+        if "train/loss" in last:
+            # For StepProgressBar (Lightning's self.log costs ~1 ms a call, more than 1000 fused steps).
+            model.progress_metrics = {"loss": last["train/loss"]}
+        self._pending.clear()
+
+
+def _select(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``t[idx]`` along axis 0 without a host sync: a strided view when ``idx`` is evenly spaced (the usual case:
+    the logging interval is a multiple of the check interval), else a gather with an index copied asynchronously."""
+    steps = {b - a for a, b in zip(idx, idx[1:])}
+    if len(steps) <= 1:
+        return t[idx[0] : idx[-1] + 1 : steps.pop() if steps else 1]
+    index = torch.tensor(idx)
+    if t.device.type == "cuda":  # a pageable host-to-device copy would wait for the kernels in flight
+        index = index.pin_memory()
+    return t.index_select(0, index.to(t.device, non_blocking=True))

@@ -1,0 +1,370 @@
+"""The paper's two-layer linear network as a LightningModule, with a generic and a fused path."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from ..callbacks.label_noise import LabelNoise
+from ..compat import pl, trainer_of
+from ..protocol import StepLayout
+import torch
+from torch import nn
+
+from . import functional as F
+from . import engine
+from ..metrics.weights import lazy_distance
+from .dynamics import two_layer_dynamics
+
+__all__ = ["TwoLayerLinear", "DivergenceError"]
+
+#: Steps between two checks of the lazy ball (``phase/escape_step``), whatever the logging interval.
+ESCAPE_RESOLUTION = 100
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or weights."""
+
+
+Backend = Literal["auto", "autograd", "torch", "numba", "triton"]
+
+
+class TwoLayerLinear(pl.LightningModule):
+    """ŷ = aᵀWx with W ∈ ℝ^{m×d}, a ∈ ℝ^m, both layers trained by plain SGD on ½(ŷ − ỹ)².
+
+    Args:
+        dim: input dimension d (the CLI fills it from the datamodule's ``dim``).
+        width: number of neurons m.
+        init: ``"ntk"``: W_ij ~ N(0, 1/d), aᵢ ~ N(0, 1/m).
+        init_scale: multiplier α on the initialisation (α ≪ 1: small init, rich from the start);
+            a list gives one value per replica.
+        lr: SGD step size η (no momentum, no weight decay); a list gives one value per replica.
+        seed: seed of the initialisation; replica r uses ``replica_seeds[r]`` (default ``seed + r``)
+            for its initialisation, its data sampling and its label noise.
+        replicas: K independent trainings stacked in one module (parameters ``(K, m, d)``, ``(K, m)``);
+            ``None`` for one unstacked network.
+        replica_seeds: one seed per replica (default ``[seed, seed + 1, …]``).
+        steps_per_batch: SGD steps k fused into one Lightning step (closed-form gradients).
+        backend: ``"autograd"``: the generic Lightning path (``torch.optim.SGD``, automatic
+            optimisation; works with any strategy, DDP included); ``"torch"``, ``"numba"``,
+            ``"triton"``: the fused closed-form path on that backend; ``"auto"``: the generic path
+            for one unstacked network with ``steps_per_batch=1``, else the fused path on the
+            fastest backend for the device (triton on CUDA, numba on CPU when width ≥ dim, torch otherwise).
+        log_replicas: per-replica tags (``…/r3``) are written when K ≤ this; the mean over
+            replicas is always written under the plain tag.
+
+    The training loss is ½·mean of (ŷ − ỹ)² over the batch targets as they arrive, so it is the
+    noisy loss when a :class:`~lightning_lnsgd.noise.LabelNoise` callback is attached.
+
+    Steps: ``trainer.global_step`` and every logged step count *SGD steps*. On the fused path one
+    Lightning step runs k SGD steps and advances ``global_step`` by k (the last one runs only what
+    is left before ``trainer.max_steps``). Every ``trainer.log_every_n_steps`` SGD steps it logs,
+    at TensorBoard step t = SGD steps done (step 0 is the initialisation): ``train/loss`` and
+    ``test/loss`` (clean labels, whole sets) and the ``dynamics/*`` tags of
+    :func:`~lightning_lnsgd.metrics.two_layer_dynamics`; ``phase/escape_step`` once, the first
+    multiple of ``min(100, log_every_n_steps)`` steps at which ``dynamics/lazy_distance`` exceeds 1.
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        width: int = 1000,
+        init: Literal["ntk"] = "ntk",
+        init_scale: float | list[float] = 1.0,
+        lr: float | list[float] = 1e-3,
+        seed: int = 0,
+        replicas: int | None = None,
+        replica_seeds: list[int] | None = None,
+        steps_per_batch: int = 1,
+        backend: Backend = "auto",
+        log_replicas: int = 16,
+    ) -> None:
+        super().__init__()
+        if dim is None or int(dim) != dim or dim < 1:
+            raise ValueError(
+                f"TwoLayerLinear: `dim` must be a positive integer (the CLI takes it from `data.dim`), got {dim!r}."
+            )
+        if int(width) != width or width < 1:
+            raise ValueError(f"TwoLayerLinear: `width` must be a positive integer, got {width!r}.")
+        if init != "ntk":
+            raise ValueError(f"TwoLayerLinear: `init` must be 'ntk', got {init!r}.")
+        if replicas is not None and (int(replicas) != replicas or replicas < 1):
+            raise ValueError(f"TwoLayerLinear: `replicas` must be a positive integer or null, got {replicas!r}.")
+        if int(steps_per_batch) != steps_per_batch or steps_per_batch < 1:
+            raise ValueError(f"TwoLayerLinear: `steps_per_batch` must be an integer ≥ 1, got {steps_per_batch!r}.")
+        if backend not in ("auto", "autograd", "torch", "numba", "triton"):
+            raise ValueError(
+                f"TwoLayerLinear: `backend` must be one of auto, autograd, torch, numba, triton; got {backend!r}."
+            )
+        K = replicas
+        self.replica_seeds = None if K is None else _replica_list(replica_seeds, K, seed)
+        scales = _per_replica("init_scale", init_scale, K)
+        rates = _per_replica("lr", lr, K)
+        for name, given, values in (("init_scale", init_scale, scales), ("lr", lr, rates)):
+            if not all(math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"TwoLayerLinear: `{name}` must be finite and > 0 (or a list of such), got {given!r}.")
+        self.fused = backend != "autograd" and not (backend == "auto" and K is None and steps_per_batch == 1)
+        if backend == "autograd" and (K is not None or steps_per_batch > 1):
+            raise ValueError(
+                "TwoLayerLinear: backend='autograd' runs one unstacked network one step at a time; with "
+                f"replicas={K!r} or steps_per_batch={steps_per_batch} choose backend auto, torch, numba or triton."
+            )
+        self.save_hyperparameters()
+        self.automatic_optimization = not self.fused
+        self.steps_per_batch = int(steps_per_batch)
+        self.init_scales = scales  # α per replica (one value without replicas)
+
+        if K is None:
+            W, a = F.ntk_init(width, dim, scales[0], seed)
+        else:
+            inits = [F.ntk_init(width, dim, s, rs) for s, rs in zip(scales, self.replica_seeds)]
+            W, a = torch.stack([w for w, _ in inits]), torch.stack([v for _, v in inits])
+        self.W = nn.Parameter(W, requires_grad=not self.fused)
+        self.a = nn.Parameter(a, requires_grad=not self.fused)
+        # The initial weights define the lazy ball; buffers travel with the module and the checkpoint.
+        self.register_buffer("W0", W.clone())
+        self.register_buffer("escape_step", torch.full(W.shape[:-2], -1, dtype=torch.int64))
+        self.register_buffer("lr_per_replica", torch.tensor(rates if K is not None else rates[0]))
+        self.teacher: torch.Tensor | None = None
+        self._engine: engine.FusedEngine | None = None
+        self._logged_escape = torch.zeros(W.shape[:-2], dtype=torch.bool)
+        #: Extra values for :class:`~lightning_lnsgd.progress.StepProgressBar` (the fused path's latest train loss).
+        self.progress_metrics: dict[str, float] = {}
+
+    # -- model ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions for inputs ``x`` ``(..., N, d)``; ``(K, N)`` with replicas."""
+        return F.predict(self.W, self.a, x)
+
+    # -- the plug-ins' contract (lightning_lnsgd.protocol.MultiStepModule) ---------------------
+    @property
+    def runs_sam_step(self) -> bool:
+        """True on the fused path: it runs SAM itself with the SAM strategy's ``rho``/``normalize``."""
+        return self.fused
+
+    def step_layout(self) -> StepLayout | None:
+        """Batch layout of the fused path: the replica seeds (or ``None``) and the SGD steps of this batch.
+
+        The datamodule and :class:`~lightning_lnsgd.LabelNoise` shape their draws by it; ``None`` on the
+        generic path (plain ``(x, y)`` batches).
+        """
+        if not self.fused:
+            return None
+        k = self.steps_per_batch
+        trainer = trainer_of(self)
+        if trainer is not None and trainer.max_steps > 0:
+            k = max(1, min(k, trainer.max_steps - trainer.global_step))
+        return StepLayout(None if self.replica_seeds is None else tuple(self.replica_seeds), k)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        x, y = batch
+        if self.fused:
+            assert self._engine is not None
+            self._engine.run(x, y)
+            # Before the callbacks' on_train_batch_end, so that a progress bar shows this step's loss.
+            self._engine.flush()
+            return None
+        loss = F.half_mse(self.W, self.a, x, y)
+        if loss.device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked periodically
+            self._raise_divergence(self.global_step + 1)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        loss = F.half_mse(self.W, self.a, x.to(self.W.dtype), y.to(self.W.dtype)).mean()
+        # Lightning would log at its batch counter; during fit the loggers get it at the SGD step
+        # (on_validation_epoch_end), so that it lines up with the dynamics tags on the fused path too.
+        self.log("val/loss", loss, logger=self.trainer.state.fn != "fit")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and "val/loss" in self.trainer.callback_metrics:
+            self._log_scalars({"val/loss": float(self.trainer.callback_metrics["val/loss"])}, self.global_step)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Predictions ŷ for the inputs of ``batch`` (a tensor or a tuple whose first item is x)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x.to(self.W.dtype))
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("test/loss", F.half_mse(self.W, self.a, x.to(self.W.dtype), y.to(self.W.dtype)).mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        if self.fused:
+            return None  # the fused engine updates the weights itself
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.0, weight_decay=0.0)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Checked before the strategy wraps the module: DDP would fail first, with a less useful message.
+        if self.fused and stage == "fit" and self.trainer.world_size > 1:
+            raise ValueError(
+                f"TwoLayerLinear: the fused path (backend={self.hparams.backend!r}, replicas={self.hparams.replicas!r}, "
+                f"steps_per_batch={self.steps_per_batch}) runs on one device; got world_size={self.trainer.world_size}."
+                " Use backend='autograd' for DDP, or stack the runs as replicas on one device."
+            )
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        teacher = getattr(dm, "teacher", None)
+        if teacher is not None:
+            if teacher.shape[-1] != self.W.shape[-1]:
+                raise ValueError(
+                    f"TwoLayerLinear: the datamodule's teacher has dimension {teacher.shape[-1]} "
+                    f"but the model was built with dim={self.W.shape[-1]}."
+                )
+            self.teacher = teacher.to(self.device, self.W.dtype)
+        if self.fused:
+            self._engine = engine.FusedEngine(self)
+
+    def on_train_start(self) -> None:
+        if self.global_step == 0:
+            self._log_dynamics(0)
+            if self.replica_seeds is not None:
+                table = {f"replica/lr/r{k}": float(v) for k, v in enumerate(self.lr_per_replica)}
+                table.update({f"replica/init_scale/r{k}": v for k, v in enumerate(self.init_scales)})
+                for cb in self.trainer.callbacks:  # a LabelNoise σ grid, for the escape-vs-σ report
+                    if isinstance(getattr(cb, "sigma", None), list):
+                        table.update({f"replica/sigma/r{k}": float(v) for k, v in enumerate(cb.sigma)})
+                self._log_scalars(table, 0)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.fused:
+            return  # the engine logged in training_step
+        step = self.global_step
+        if step % self.escape_every() == 0:
+            self.check_finite(step)
+            self.update_escape(step)
+            self.log_new_escapes()
+        every = self.trainer.log_every_n_steps
+        if every > 0 and step % every == 0:
+            self._log_dynamics(step)
+
+    # -- dynamics ------------------------------------------------------------------------------
+    def escape_every(self) -> int:
+        """SGD steps between two checks of the lazy ball."""
+        every = self.trainer.log_every_n_steps
+        return min(ESCAPE_RESOLUTION, every) if every > 0 else ESCAPE_RESOLUTION
+
+    @torch.no_grad()
+    def update_escape(self, step: int, every: int = 1, W: torch.Tensor | None = None) -> None:
+        """Records the escape step of replicas that are outside the lazy ball for the first time (no host sync).
+
+        ``W`` holds the weights at ``S`` check steps ``step, step + every, …`` (shape ``(S,) + W.shape``); by default
+        the current weights at ``step``. A replica still inside the ball gets the first of them at which it is out.
+        """
+        Ws = self.W.unsqueeze(0) if W is None else W
+        left = lazy_distance(Ws, self.W0) > 1.0  # (S,) + replica axes
+        steps = step + every * torch.arange(len(Ws), device=left.device)
+        steps = steps.reshape((-1,) + (1,) * (left.ndim - 1))
+        first = torch.where(left, steps, torch.iinfo(torch.int64).max).amin(0)
+        new = left.any(0) & (self.escape_step < 0)
+        self.escape_step.copy_(torch.where(new, first, self.escape_step))
+
+    def log_new_escapes(self) -> None:
+        """Logs ``phase/escape_step`` (``…/r{k}`` per replica) once per replica, at the escape step."""
+        escape = self.escape_step.detach().cpu()
+        new = (escape >= 0) & ~self._logged_escape
+        if not bool(new.any()):
+            return
+        self._logged_escape |= new
+        if escape.ndim == 0:
+            self._log_scalars({"phase/escape_step": float(escape)}, int(escape))
+            return
+        for k in torch.nonzero(new).flatten().tolist():
+            self._log_scalars({f"phase/escape_step/r{k}": float(escape[k])}, int(escape[k]))
+
+    def check_finite(self, step: int) -> None:
+        finite = torch.isfinite(self.W).flatten(-2).all(-1) & torch.isfinite(self.a).all(-1)
+        if not bool(finite.all()):
+            self._raise_divergence(step, None if finite.ndim == 0 else torch.nonzero(~finite).flatten().tolist())
+
+    def _teacher_or_zero(self) -> torch.Tensor:
+        return self.teacher if self.teacher is not None else torch.zeros_like(self.W0[..., 0, :])
+
+    @torch.no_grad()
+    def dynamics(self, W: torch.Tensor | None = None, a: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Values of every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``), on device.
+
+        Of the current weights by default, else of ``W`` and ``a`` (extra leading axes allowed, e.g. snapshots).
+        With replicas each value has shape ``(…, K)``.
+        """
+        W = self.W if W is None else W
+        a = self.a if a is None else a
+        values = {f"dynamics/{k}": v for k, v in two_layer_dynamics(W, a, self.W0, self._teacher_or_zero()).items()}
+        trainer = trainer_of(self)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is not None and hasattr(dm, "x_train"):
+            dt = W.dtype
+            values["train/loss"] = F.half_mse(W, a, dm.x_train.to(dt), dm.y_train.to(dt))
+            values["test/loss"] = F.half_mse(W, a, dm.x_test.to(dt), dm.y_test.to(dt))
+        return values
+
+    def _log_dynamics(self, step: int) -> None:
+        self._log_dynamics_at([step], {tag: v.unsqueeze(0) for tag, v in self.dynamics().items()})
+
+    def _log_dynamics_at(self, steps: list[int], values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Logs ``values`` (each ``(len(steps), …)``) at ``steps``: one device-to-host copy per tag.
+
+        Returns what was logged at the last step."""
+        host = {tag: v.detach().double().cpu() for tag, v in values.items()}
+        finite = torch.stack([torch.isfinite(v).reshape(len(steps), -1).all(1) for v in host.values()]).all(0)
+        if not bool(finite.all()):
+            self._raise_divergence(steps[int(torch.nonzero(~finite)[0])])
+        for i, step in enumerate(steps):
+            flat: dict[str, float] = {}
+            for tag, v in host.items():
+                vi = v[i]
+                flat[tag] = float(vi.mean())
+                if vi.ndim and len(vi) <= self.hparams.log_replicas:
+                    flat.update({f"{tag}/r{k}": float(x) for k, x in enumerate(vi.tolist())})
+            self._log_scalars(flat, step)
+        return flat
+
+    def _log_scalars(self, values: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(values, step=step)
+
+    def _raise_divergence(self, step: int, replicas: list[int] | None = None) -> None:
+        sigma = None
+        trainer = trainer_of(self)
+        for cb in trainer.callbacks if trainer is not None else []:
+            if isinstance(cb, LabelNoise):
+                sigma = cb.level_at(step)
+                if replicas and isinstance(getattr(cb, "sigma", None), list):
+                    sigma = max(cb.sigma[r] for r in replicas) * cb.schedule_factor(step)
+        eta = self.hparams.lr
+        if replicas and isinstance(eta, list):
+            eta = max(eta[r] for r in replicas)
+        eta_s = f"{eta:g}" if isinstance(eta, (int, float)) else str(eta)
+        noise = f"σ={sigma:g}" if sigma is not None else "σ=0 (no LabelNoise callback)"
+        product = f", η·σ={eta * sigma:g}" if sigma and isinstance(eta, (int, float)) else ""
+        raise DivergenceError(
+            f"Training diverged: non-finite loss or weights at step {step}"
+            + (f" in replicas {replicas}" if replicas else "")
+            + f" with η={eta_s}, {noise}{product}. "
+            "A step size η too large for the noise level σ (η·σ too large) is the usual cause; lower `model.lr` "
+            "or the noise level."
+        )
+
+
+def _replica_list(seeds: Sequence[int] | None, K: int, seed: int) -> list[int]:
+    if seeds is None:
+        return [seed + r for r in range(K)]
+    if len(seeds) != K:
+        raise ValueError(f"TwoLayerLinear: `replica_seeds` has {len(seeds)} entries but replicas={K}.")
+    return [int(s) for s in seeds]
+
+
+def _per_replica(name: str, value: float | Sequence[float], K: int | None) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * (K or 1)
+    values = [float(v) for v in value]
+    if K is None or len(values) != K:
+        raise ValueError(
+            f"TwoLayerLinear: `{name}` is a list of {len(values)} values; a list needs `replicas` equal to its "
+            f"length (one value per replica), got replicas={K!r}."
+        )
+    return values

@@ -1,0 +1,623 @@
+"""Tests of the SAM strategies (lightning_lnsgd/sam.py).
+
+The reference steps are computed independently in float64 with plain autograd; the SAM runs use float32.
+
+This file is also a script: ``python tests/test_sam.py ddp-worker OUTDIR`` runs a two-rank gloo DDP
+training with ``strategy="sam_ddp"`` (Lightning's subprocess launcher re-runs this same command for rank 1) and
+saves what every rank saw; ``test_ddp_two_ranks`` starts it and checks the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+import pytorch_lightning as pl
+from pytorch_lightning import Callback, Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # so that the script mode and an uninstalled checkout find the package
+    sys.path.insert(0, str(REPO))
+
+from lightning_lnsgd.strategies.sam import (  # noqa: E402
+    SAMDDPStrategy,
+    SAMStrategy,
+    is_perturbed_pass,
+    sam_perturbation,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny model
+# ----------------------------------------------------------------------------------------------------------------
+def make_data(n: int = 16, d: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(n, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+class TinyModule(pl.LightningModule):
+    """MLP 3-4-1 with MSE loss; counts hooks and passes; optionally batch norm."""
+
+    def __init__(
+        self,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        batch_norm: bool = False,
+        n: int = 16,
+        batch_size: int = 4,
+        seed: int = 0,
+        sync_dist: bool = False,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = [nn.Linear(3, 4)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(4))
+        layers += [nn.Tanh(), nn.Linear(4, 1)]
+        self.net = nn.Sequential(*layers)
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.n = n
+        self.batch_size = batch_size
+        self.sync_dist = sync_dist
+        self.counts: Counter = Counter()
+        self.grad_norms_before_step: list[float] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        perturbed = is_perturbed_pass(self)
+        self.counts["device_" + self.net[0].weight.device.type] += 1
+        self.counts["training_step_perturbed" if perturbed else "training_step_first"] += 1
+        self.log("train_loss", loss, on_step=True, on_epoch=False, sync_dist=self.sync_dist)
+        # the epoch mean of this flag must stay 0: the perturbed pass never reaches the logger
+        self.log("perturbed_flag", float(perturbed), on_step=False, on_epoch=True, sync_dist=self.sync_dist)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.optimizer_name == "lbfgs":
+            return torch.optim.LBFGS(self.parameters(), lr=self.lr)
+        raise ValueError(self.optimizer_name)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(self.n), batch_size=self.batch_size, shuffle=False)
+
+    # hook counters
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.counts["on_before_backward"] += 1
+
+    def on_after_backward(self) -> None:
+        self.counts["on_after_backward"] += 1
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.counts["on_before_optimizer_step"] += 1
+        assert not is_perturbed_pass(self)
+        norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
+        self.grad_norms_before_step.append(float(torch.linalg.vector_norm(torch.stack(norms))))
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
+        self.counts["configure_gradient_clipping"] += 1
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+class Recorder(Callback):
+    """Records weights before each step, the logged loss and the loop's loss output after each step."""
+
+    def __init__(self) -> None:
+        self.weights_before: list[list[Tensor]] = []
+        self.logged_loss: list[float] = []
+        self.output_loss: list[float] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.weights_before.append([p.detach().clone() for p in pl_module.parameters()])
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # the optimizer must see the restored weights w, bit for bit
+        for p, w in zip(pl_module.parameters(), self.weights_before[-1]):
+            assert torch.equal(p.detach(), w)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.logged_loss.append(float(trainer.callback_metrics["train_loss"]))
+        self.output_loss.append(float(outputs["loss"]))
+
+
+def make_trainer(strategy: Any, max_steps: int = -1, max_epochs: Optional[int] = None, **kw: Any) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Independent float64 reference
+# ----------------------------------------------------------------------------------------------------------------
+def ref_perturbation(params: list[Tensor], grads: list[Tensor], rho: float, normalize: bool, adaptive: bool) -> list[Tensor]:
+    t2 = [p.abs() ** 2 if adaptive else torch.ones_like(p) for p in params]
+    if not normalize:
+        return [rho * a * g for a, g in zip(t2, grads)]
+    norm = torch.sqrt(sum(((a.sqrt() * g) ** 2).sum() for a, g in zip(t2, grads)))
+    return [rho * a * g / norm for a, g in zip(t2, grads)]
+
+
+def ref_loss(net: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.mse_loss(functional_call(net, params, (x,)), y)
+
+
+def ref_sam_step(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: list[tuple[Tensor, Tensor]],
+    rho: float,
+    normalize: bool,
+    adaptive: bool,
+    clip: Optional[float] = None,
+) -> float:
+    """One SAM step of ``net`` (float64); ``batches`` has one batch per rank (ascent per rank, mean of 2nd grads)."""
+    names = [n for n, _ in net.named_parameters()]
+    params = [p for _, p in net.named_parameters()]
+    second: list[list[Tensor]] = []
+    losses = []
+    for x, y in batches:
+        loss = ref_loss(net, dict(zip(names, params)), x, y)
+        losses.append(float(loss.detach()))
+        g = torch.autograd.grad(loss, params)
+        e = ref_perturbation([p.detach() for p in params], list(g), rho, normalize, adaptive)
+        shifted = {n: p.detach() + ei for n, p, ei in zip(names, params, e)}
+        shifted = {n: t.requires_grad_() for n, t in shifted.items()}
+        loss2 = ref_loss(net, shifted, x, y)
+        second.append(list(torch.autograd.grad(loss2, list(shifted.values()))))
+    for i, p in enumerate(params):
+        p.grad = torch.stack([s[i] for s in second]).mean(0)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    opt.zero_grad()
+    return losses[0]
+
+
+def make_ref_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9) if name == "sgd" else torch.optim.Adam(params, lr=lr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sam_perturbation
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_sam_perturbation_matches_reference(normalize: bool, adaptive: bool) -> None:
+    torch.manual_seed(1)
+    params = [torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    grads = [torch.randn_like(p) for p in params]
+    got = sam_perturbation(params, grads, 0.3, normalize=normalize, adaptive=adaptive)
+    want = ref_perturbation(params, grads, 0.3, normalize, adaptive)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    if normalize and not adaptive:
+        norm = torch.sqrt(sum((e**2).sum() for e in got))
+        assert float(norm) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_sam_perturbation_batch_dims_is_per_replica(normalize: bool, adaptive: bool) -> None:
+    torch.manual_seed(2)
+    K, m, d = 5, 7, 3
+    W, a = torch.randn(K, m, d), torch.randn(K, m)
+    gW, ga = torch.randn(K, m, d), torch.randn(K, m)
+    eW, ea = sam_perturbation([W, a], [gW, ga], 0.1, normalize=normalize, adaptive=adaptive, batch_dims=1)
+    assert eW.shape == W.shape and ea.shape == a.shape
+    for k in range(K):
+        rW, ra = sam_perturbation([W[k], a[k]], [gW[k], ga[k]], 0.1, normalize=normalize, adaptive=adaptive)
+        torch.testing.assert_close(eW[k], rW)
+        torch.testing.assert_close(ea[k], ra)
+    # per-replica radius
+    rho = torch.linspace(0.1, 0.5, K)
+    eW2, _ = sam_perturbation([W, a], [gW, ga], rho, normalize=normalize, adaptive=adaptive, batch_dims=1)
+    torch.testing.assert_close(eW2[2], sam_perturbation([W[2], a[2]], [gW[2], ga[2]], float(rho[2]), normalize, adaptive)[0])
+
+
+def test_sam_perturbation_skips_missing_and_zero_grads() -> None:
+    p = [torch.ones(3), torch.ones(2)]
+    out = sam_perturbation(p, [None, torch.zeros(2)], 0.5)
+    assert out[0] is None
+    assert torch.equal(out[1], torch.zeros(2))
+    out = sam_perturbation(p, [None, torch.tensor([3.0, 4.0])], 0.5)
+    torch.testing.assert_close(out[1], torch.tensor([0.3, 0.4]))
+    # the input is not modified
+    assert torch.equal(p[1], torch.ones(2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One-device steps against the float64 reference
+# ----------------------------------------------------------------------------------------------------------------
+VARIANTS = {
+    "normalized": dict(normalize=True, adaptive=False),
+    "unnormalized": dict(normalize=False, adaptive=False),
+    "adaptive": dict(normalize=True, adaptive=True),
+    "adaptive_unnormalized": dict(normalize=False, adaptive=True),
+}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_single_device_steps_match_reference(variant: str, optimizer: str) -> None:
+    rho, lr, steps = 0.2, 0.05, 3
+    model = TinyModule(optimizer=optimizer, lr=lr)
+    net64 = copy.deepcopy(model.net).double()
+    opt64 = make_ref_optimizer(optimizer, net64.parameters(), lr)
+    rec = Recorder()
+    trainer = make_trainer(SAMStrategy(rho=rho, **VARIANTS[variant]), max_steps=steps, callbacks=[rec])
+    trainer.fit(model)
+
+    data = make_data()
+    ref_losses = []
+    for s in range(steps):
+        x, y = data.tensors[0][4 * s : 4 * s + 4].double(), data.tensors[1][4 * s : 4 * s + 4].double()
+        ref_losses.append(ref_sam_step(net64, opt64, [(x, y)], rho, **VARIANTS[variant]))
+    for p, q in zip(model.net.parameters(), net64.parameters()):
+        torch.testing.assert_close(p.detach().double(), q.detach(), atol=2e-6, rtol=1e-5)
+    # the logged loss and the loop's loss are the losses at w (first pass)
+    assert rec.logged_loss == pytest.approx(ref_losses, rel=1e-5)
+    assert rec.output_loss == pytest.approx(ref_losses, rel=1e-5)
+    assert float(trainer.callback_metrics["perturbed_flag"]) == 0.0
+
+
+def test_hooks_clipping_and_logging_per_step() -> None:
+    rho, lr, steps, clip = 0.1, 0.1, 4, 0.05
+    model = TinyModule(optimizer="sgd", lr=lr)
+    net64 = copy.deepcopy(model.net).double()
+    opt64 = make_ref_optimizer("sgd", net64.parameters(), lr)
+    rec = Recorder()
+    trainer = make_trainer(SAMStrategy(rho=rho), max_steps=steps, callbacks=[rec], gradient_clip_val=clip)
+    trainer.fit(model)
+
+    c = model.counts
+    assert c["training_step_first"] == steps and c["training_step_perturbed"] == steps
+    assert c["on_before_backward"] == 2 * steps and c["on_after_backward"] == 2 * steps
+    assert c["on_before_optimizer_step"] == steps
+    assert c["configure_gradient_clipping"] == steps
+    # clipping must have been active (else the test would not test it) and applied to the second gradient only
+    assert all(n > clip for n in model.grad_norms_before_step)
+    data = make_data()
+    for s in range(steps):
+        x, y = data.tensors[0][4 * s : 4 * s + 4].double(), data.tensors[1][4 * s : 4 * s + 4].double()
+        ref_sam_step(net64, opt64, [(x, y)], rho, True, False, clip=clip)
+    for p, q in zip(model.net.parameters(), net64.parameters()):
+        torch.testing.assert_close(p.detach().double(), q.detach(), atol=2e-6, rtol=1e-5)
+    assert float(trainer.callback_metrics["perturbed_flag"]) == 0.0
+    assert not is_perturbed_pass(trainer) and not is_perturbed_pass(model) and not is_perturbed_pass()
+
+
+def test_bf16_mixed_runs_close_to_fp32() -> None:
+    ref = TinyModule(lr=0.05)
+    make_trainer(SAMStrategy(rho=0.1), max_steps=2).fit(ref)
+    model = TinyModule(lr=0.05)
+    make_trainer(SAMStrategy(rho=0.1), max_steps=2, precision="bf16-mixed").fit(model)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, q, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("bn_update", ["first", "both"])
+def test_batch_norm_running_stats(bn_update: str) -> None:
+    model = TinyModule(batch_norm=True)
+    first = copy.deepcopy(model.net)  # one training-mode forward at w on the first batch = the expected update
+    x, _ = make_data().tensors
+    first.train()(x[:4])
+    make_trainer(SAMStrategy(rho=0.5, bn_update=bn_update), max_steps=1).fit(model)
+    bn, bn_ref = model.net[1], first[1]
+    if bn_update == "first":
+        assert int(bn.num_batches_tracked) == 1
+        torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
+        torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+    else:
+        assert int(bn.num_batches_tracked) == 2
+        assert not torch.allclose(bn.running_mean, bn_ref.running_mean)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_from_checkpoint_is_identical(tmp_path: Path, optimizer: str) -> None:
+    # 8 samples, batch 4: 2 steps per epoch; stop after epoch 1, resume to epoch 2
+    straight = TinyModule(optimizer=optimizer, n=8, lr=0.05)
+    make_trainer(SAMStrategy(rho=0.1), max_epochs=2).fit(straight)
+
+    first = TinyModule(optimizer=optimizer, n=8, lr=0.05)
+    t1 = make_trainer(SAMStrategy(rho=0.1), max_epochs=1)
+    t1.fit(first)
+    ckpt = tmp_path / "sam.ckpt"
+    t1.save_checkpoint(ckpt)
+
+    resumed = TinyModule(optimizer=optimizer, n=8, lr=0.05, seed=123)  # different init: the checkpoint must win
+    t2 = make_trainer(SAMStrategy(rho=0.1), max_epochs=2)
+    t2.fit(resumed, ckpt_path=ckpt)
+    assert t2.global_step == 4
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry, CLI, devices
+# ----------------------------------------------------------------------------------------------------------------
+def test_registry_names_resolve() -> None:
+    t = make_trainer("sam")
+    assert type(t.strategy) is SAMStrategy
+    assert t.strategy.root_device == torch.device("cpu")
+    t = Trainer(accelerator="cpu", devices=2, strategy="sam_ddp", logger=False)
+    assert type(t.strategy) is SAMDDPStrategy and t.strategy._start_method == "popen"
+    assert len(t.strategy.parallel_devices) == 2
+    t = Trainer(accelerator="cpu", devices=2, strategy="sam_ddp_spawn", logger=False)
+    assert type(t.strategy) is SAMDDPStrategy and t.strategy._start_method == "spawn"
+
+
+def test_sam_on_more_than_one_device_is_refused() -> None:
+    with pytest.raises(Exception, match="SAMStrategy runs on one device.*devices=1.*sam_ddp"):
+        Trainer(accelerator="cpu", devices=2, strategy="sam", logger=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_device_from_accelerator() -> None:
+    def gpu_trainer(**kw: Any) -> Trainer:
+        return Trainer(
+            accelerator="gpu", devices=1, strategy="sam", max_steps=2, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, **kw,
+        )
+
+    t = gpu_trainer()
+    assert type(t.strategy) is SAMStrategy and t.strategy.root_device.type == "cuda"
+    ref = TinyModule(lr=0.05)
+    gpu_trainer().fit(ref)
+    assert ref.counts["device_cuda"] == 4 and ref.counts["device_cpu"] == 0  # Lightning moves it back at teardown
+    assert ref.counts["training_step_perturbed"] == 2
+    # the same steps on the CPU
+    cpu = TinyModule(lr=0.05)
+    make_trainer("sam", max_steps=2).fit(cpu)
+    for p, q in zip(ref.parameters(), cpu.parameters()):
+        torch.testing.assert_close(p.cpu(), q, atol=1e-5, rtol=1e-4)
+    bf16 = TinyModule(lr=0.05)
+    gpu_trainer(precision="bf16-mixed").fit(bf16)
+    for p, q in zip(bf16.parameters(), cpu.parameters()):
+        torch.testing.assert_close(p.cpu(), q, atol=3e-2, rtol=3e-2)
+    with pytest.raises(Exception, match=r"precision='16-mixed'.*allowed: 32-true"):
+        gpu_trainer(precision="16-mixed").fit(TinyModule())
+
+
+def test_lightning_cli_resolves_name_and_class_path(tmp_path: Path) -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    common = ["--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.devices", "1"]
+    cli = LightningCLI(TinyModule, run=False, args=["--trainer.strategy", "sam", *common])
+    assert type(cli.trainer.strategy) is SAMStrategy
+
+    cfg = tmp_path / "sam.yaml"
+    cfg.write_text(
+        "trainer:\n"
+        "  strategy:\n"
+        "    class_path: lightning_lnsgd.strategies.sam.SAMStrategy\n"
+        "    init_args:\n"
+        "      rho: 0.2\n"
+        "      normalize: false\n"
+        "      adaptive: true\n"
+        "      bn_update: both\n"
+    )
+    cli = LightningCLI(TinyModule, run=False, args=["--config", str(cfg), *common])
+    s = cli.trainer.strategy
+    assert type(s) is SAMStrategy and (s.rho, s.normalize, s.adaptive, s.bn_update) == (0.2, False, True, "both")
+
+    cfg.write_text(
+        "trainer:\n"
+        "  strategy:\n"
+        "    class_path: lightning_lnsgd.strategies.sam.SAMDDPStrategy\n"
+        "    init_args:\n"
+        "      rho: 0.3\n"
+        "      sync_ascent: true\n"
+    )
+    cli = LightningCLI(TinyModule, run=False, args=["--config", str(cfg), "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.logger", "false"])
+    s = cli.trainer.strategy
+    assert type(s) is SAMDDPStrategy and s.rho == 0.3 and s.sync_ascent
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Refusals
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rho", [0.0, -0.1])
+def test_bad_rho_refused(rho: float) -> None:
+    with pytest.raises(ValueError, match=rf"rho={rho}.*> 0"):
+        SAMStrategy(rho=rho)
+    with pytest.raises(ValueError, match=rf"rho={rho}.*> 0"):
+        SAMDDPStrategy(rho=rho)
+
+
+def test_bad_bn_update_refused() -> None:
+    with pytest.raises(ValueError, match="bn_update='never'.*'first'.*'both'"):
+        SAMStrategy(bn_update="never")  # type: ignore[arg-type]
+
+
+def test_accumulate_grad_batches_refused() -> None:
+    with pytest.raises(Exception, match=r"accumulate_grad_batches=2.*accumulate_grad_batches=1"):
+        make_trainer(SAMStrategy(), max_steps=1, accumulate_grad_batches=2).fit(TinyModule())
+
+
+def test_manual_optimization_refused() -> None:
+    class Manual(TinyModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(Exception, match=r"automatic_optimization=False.*automatic_optimization=True"):
+        make_trainer(SAMStrategy(), max_steps=1).fit(Manual())
+
+
+def test_lbfgs_refused() -> None:
+    with pytest.raises(Exception, match="LBFGS.*exactly once"):
+        make_trainer(SAMStrategy(), max_steps=1).fit(TinyModule(optimizer="lbfgs"))
+
+
+def test_two_optimizers_refused() -> None:
+    class Two(TinyModule):
+        def configure_optimizers(self) -> Any:
+            return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+    # Lightning itself refuses several optimizers under automatic optimisation before SAM's own check
+    with pytest.raises(Exception, match="multiple optimizers|optimizers were configured"):
+        make_trainer(SAMStrategy(), max_steps=1).fit(Two())
+
+
+def test_fp16_mixed_refused() -> None:
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    with pytest.raises(Exception, match=r"precision='16-mixed'.*allowed: 32-true"):
+        make_trainer(SAMStrategy(), max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(TinyModule())
+
+
+def test_closure_called_twice_refused_and_weights_restored() -> None:
+    class TwiceSGD(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+            closure()
+            return super().step(closure)
+
+    class M(TinyModule):
+        def configure_optimizers(self) -> Any:
+            return TwiceSGD(self.parameters(), lr=0.1)
+
+    model = M()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="called the closure 2 times"):
+        make_trainer(SAMStrategy(), max_steps=1).fit(model)
+    for p, w in zip(model.parameters(), w0):
+        assert torch.equal(p.detach(), w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two gloo DDP ranks on CPU
+# ----------------------------------------------------------------------------------------------------------------
+DDP_RHO, DDP_LR, DDP_STEPS = 0.2, 0.1, 4
+DDP_SYNC_FROM = 2  # steps before: per-rank ascent (default); from this step on: sync_ascent=True
+
+
+class DDPRecorder(Callback):
+    """Saves, per rank, the initial weights, every batch and the weights after every step."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+        self.record: dict[str, Any] = {"batches": [], "weights": []}
+
+    def on_train_start(self, trainer: Trainer, pl_module: pl.LightningModule) -> None:
+        self.record["initial"] = [p.detach().clone() for p in pl_module.net.parameters()]
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # one process run covers both ascent modes (process start-up dominates the test's time)
+        trainer.strategy.sync_ascent = trainer.global_step >= DDP_SYNC_FROM
+        self.record["batches"].append([t.detach().clone() for t in batch])
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.record["weights"].append([p.detach().clone() for p in pl_module.net.parameters()])
+
+    def on_train_end(self, trainer: Trainer, pl_module: pl.LightningModule) -> None:
+        self.record["perturbed_flag"] = float(trainer.callback_metrics["perturbed_flag"])
+        torch.save(self.record, self.outdir / f"rank{trainer.global_rank}.pt")
+
+
+def ddp_worker(outdir: str) -> None:
+    torch.set_num_threads(1)
+    model = TinyModule(optimizer="sgd", lr=DDP_LR, n=4 * 2 * DDP_STEPS, sync_dist=True)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="sam_ddp",  # the registry name, with Lightning's default subprocess launcher
+        max_steps=DDP_STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[DDPRecorder(Path(outdir))],
+    )
+    assert isinstance(trainer.strategy, SAMDDPStrategy)
+    trainer.strategy.rho = DDP_RHO  # the registry name gives the default rho
+    trainer.fit(model)
+
+
+def test_ddp_two_ranks(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "ddp-worker", str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert len(r0["weights"]) == len(r1["weights"]) == DDP_STEPS
+
+    # all ranks identical after every step, and they saw different data
+    for w0, w1 in zip(r0["weights"], r1["weights"]):
+        for a, b in zip(w0, w1):
+            assert torch.equal(a, b)
+    assert not torch.equal(r0["batches"][0][0], r1["batches"][0][0])
+    assert r0["perturbed_flag"] == r1["perturbed_flag"] == 0.0
+
+    # float64 reference: ascent from the rank's own batch (sync_ascent=False) or from both batches (True), then the
+    # mean of the two ranks' second-pass gradients
+    net64 = TinyModule().net.double()
+    with torch.no_grad():
+        for p, w in zip(net64.parameters(), r0["initial"]):
+            p.copy_(w.double())
+    opt64 = make_ref_optimizer("sgd", net64.parameters(), DDP_LR)
+    names = [n for n, _ in net64.named_parameters()]
+    params = list(net64.parameters())
+    for s in range(DDP_STEPS):
+        b = [(r["batches"][s][0].double(), r["batches"][s][1].double()) for r in (r0, r1)]
+        if s >= DDP_SYNC_FROM:
+            # the all-reduced ascent gradient is the gradient of the mean of the two ranks' losses
+            loss = sum(ref_loss(net64, dict(zip(names, params)), x, y) for x, y in b) / 2
+            g = torch.autograd.grad(loss, params)
+            e = ref_perturbation([p.detach() for p in params], list(g), DDP_RHO, True, False)
+            shifted = {n: (p.detach() + ei).requires_grad_() for n, p, ei in zip(names, params, e)}
+            grads = [torch.autograd.grad(ref_loss(net64, shifted, x, y), list(shifted.values())) for x, y in b]
+            for i, p in enumerate(params):
+                p.grad = (grads[0][i] + grads[1][i]) / 2
+            opt64.step()
+            opt64.zero_grad()
+        else:
+            ref_sam_step(net64, opt64, b, DDP_RHO, True, False)
+        for p, q in zip(r0["weights"][s], net64.parameters()):
+            torch.testing.assert_close(p.double(), q.detach(), atol=2e-6, rtol=1e-5)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "ddp-worker":
+        ddp_worker(sys.argv[2])
+    else:
+        sys.exit(pytest.main([__file__, *sys.argv[1:]]))

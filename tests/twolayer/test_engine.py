@@ -1,0 +1,222 @@
+"""The fused path: k SGD steps per Lightning step, stacked replicas, kernels, SAM — same trajectories."""
+
+import glob
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_lnsgd import LabelNoise, SparseTeacherDataModule, TwoLayerLinear
+from lightning_lnsgd.twolayer.kernels import available_backends
+from lightning_lnsgd.strategies.sam import SAMStrategy
+
+
+def fit(steps=120, noise=1.5, strategy="auto", logger=False, every=50, root=None, ckpt=None, dm_seed=3, batch_size=2,
+        accelerator="cpu", **model_kw):
+    model_kw.setdefault("seed", 2)
+    model_kw.setdefault("lr", 0.01)
+    model = TwoLayerLinear(dim=6, width=12, **model_kw)
+    dm = SparseTeacherDataModule(dim=6, n_train=20, batch_size=batch_size, seed=dm_seed, steps_per_epoch=37)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, max_steps=steps, logger=logger, log_every_n_steps=every, strategy=strategy,
+        callbacks=[LabelNoise(sigma=noise, seed=11)] if noise else [], enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=root,
+    )
+    trainer.fit(model, dm, ckpt_path=ckpt)
+    return model, trainer
+
+
+def close(a, b, tol=1e-5):
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+def test_fused_k1_equals_generic_autograd_path():
+    generic, _ = fit(backend="autograd")
+    fused, trainer = fit(backend="torch")
+    assert fused.fused and not generic.fused and trainer.global_step == 120
+    assert close(fused.W, generic.W) and close(fused.a, generic.a)
+
+
+@pytest.mark.parametrize("k", [4, 7, 500])
+def test_k_steps_per_batch_equal_k1_and_count_sgd_steps(k):
+    one, _ = fit(backend="torch", steps_per_batch=1)
+    many, trainer = fit(backend="torch", steps_per_batch=k)
+    assert trainer.global_step == 120  # the last batch runs only what is left before max_steps
+    assert torch.equal(many.W, one.W) and torch.equal(many.a, one.a)
+
+
+def test_replica_equals_single_run_with_its_seed_and_grid_values():
+    stacked, _ = fit(backend="torch", replicas=3, replica_seeds=[4, 5, 6], lr=[0.01, 0.02, 0.005],
+                     init_scale=[1.0, 0.5, 2.0], steps_per_batch=9)
+    for r, (seed, lr, scale) in enumerate([(4, 0.01, 1.0), (5, 0.02, 0.5), (6, 0.005, 2.0)]):
+        single, _ = fit(backend="torch", replicas=1, replica_seeds=[seed], lr=[lr], init_scale=[scale])
+        assert close(stacked.W[r], single.W[0]) and close(stacked.a[r], single.a[0]), r
+    assert not close(stacked.W[0], stacked.W[1])
+
+
+@pytest.mark.skipif("numba" not in available_backends(), reason="numba not installed")
+def test_numba_backend_matches_torch_backend():
+    ref, _ = fit(backend="torch", replicas=2, steps_per_batch=10)
+    fast, _ = fit(backend="numba", replicas=2, steps_per_batch=10)
+    assert close(fast.W, ref.W) and close(fast.a, ref.a)
+
+
+@pytest.mark.parametrize("backend,batch_size", [
+    ("torch", 2),
+    pytest.param("numba", 1, marks=pytest.mark.skipif("numba" not in available_backends(), reason="no numba")),
+    pytest.param("numba", 2, marks=pytest.mark.skipif("numba" not in available_backends(), reason="no numba")),
+])
+def test_fused_sam_equals_the_sam_strategy_on_the_generic_path(backend, batch_size):
+    generic, _ = fit(backend="autograd", strategy=SAMStrategy(rho=0.05), batch_size=batch_size)
+    fused, _ = fit(backend=backend, steps_per_batch=6, strategy=SAMStrategy(rho=0.05), batch_size=batch_size)
+    plain, _ = fit(backend=backend, steps_per_batch=6, batch_size=batch_size)
+    assert close(fused.W, generic.W) and close(fused.a, generic.a)
+    assert not close(fused.W, plain.W, tol=1e-7)
+
+
+def test_fused_resume_is_bitwise(tmp_path):
+    ref, _ = fit(steps=100, backend="torch", steps_per_batch=8)
+    _, first = fit(steps=40, backend="torch", steps_per_batch=8)
+    first.save_checkpoint(tmp_path / "c.ckpt")
+    resumed, trainer = fit(steps=100, backend="torch", steps_per_batch=8, ckpt=tmp_path / "c.ckpt")
+    assert trainer.global_step == 100
+    assert torch.equal(resumed.W, ref.W) and torch.equal(resumed.a, ref.a)
+
+
+def _scalars(root):
+    (path,) = glob.glob(f"{root}/**/events.out.tfevents*", recursive=True)
+    acc = EventAccumulator(path)
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_fused_logging_grid_and_per_replica_tags(tmp_path):
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="", version="")
+    model, _ = fit(steps=130, noise=4.0, lr=0.05, backend="torch", replicas=2, steps_per_batch=40, logger=logger,
+                   every=20, root=tmp_path)
+    scalars = _scalars(tmp_path)
+    # Logged on the SGD-step grid even though 40-step batches straddle it (last batch: 10 steps).
+    assert set(scalars["dynamics/norm_sq_mean"]) == {0, 20, 40, 60, 80, 100, 120}
+    final = model.dynamics()
+    both = scalars["dynamics/norm_sq_mean/r0"][120], scalars["dynamics/norm_sq_mean/r1"][120]
+    assert abs(scalars["dynamics/norm_sq_mean"][120] - sum(both) / 2) < 1e-6
+    assert scalars["replica/lr/r1"][0] == pytest.approx(0.05)
+    for r in range(2):
+        escape = int(model.escape_step[r])
+        assert escape > 0 and escape % 20 == 0
+        assert scalars[f"phase/escape_step/r{r}"] == {escape: float(escape)}
+    assert final["dynamics/norm_sq_mean"].shape == (2,)
+
+
+@pytest.mark.parametrize("backend,every,steps", [
+    ("torch", 30, 130),
+    pytest.param("numba", 30, 130, marks=pytest.mark.skipif("numba" not in available_backends(), reason="no numba")),
+    ("torch", 150, 460),  # escape checks every 100 steps, logging every 150: the kernel snapshots the union
+])
+def test_fused_path_logs_what_the_generic_path_logs(tmp_path, backend, every, steps):
+    """Same tags, steps and values (escape step included) whether one or 40 SGD steps run per Lightning step."""
+    runs = {}
+    k = 40 if every < 100 else steps  # one batch of 460 steps: snapshots at 100, 150, 200, 300, 400, 450
+    for name, kw in (("generic", dict(backend="autograd")), ("fused", dict(backend=backend, steps_per_batch=k))):
+        root = tmp_path / name
+        logger = pl.loggers.TensorBoardLogger(root, name="", version="")
+        model, _ = fit(steps=steps, noise=4.0, lr=0.05, logger=logger, every=every,
+                       root=root, **kw)
+        runs[name] = (model, _scalars(root))
+    (generic, g), (fused, f) = runs["generic"], runs["fused"]
+    assert int(generic.escape_step) > 0 and int(fused.escape_step) == int(generic.escape_step)
+    assert set(f) == set(g) and "phase/escape_step" in f
+    for tag in g:
+        assert set(f[tag]) == set(g[tag]), tag
+        for step, value in g[tag].items():
+            assert f[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-6), (tag, step)
+
+
+def test_fused_path_configuration_errors():
+    with pytest.raises(ValueError, match="backend='autograd' runs one unstacked network"):
+        TwoLayerLinear(dim=3, replicas=2, backend="autograd")
+    with pytest.raises(ValueError, match="`lr` is a list of 2 values"):
+        TwoLayerLinear(dim=3, lr=[0.1, 0.2])
+    with pytest.raises(ValueError, match="`replica_seeds` has 1 entries but replicas=2"):
+        TwoLayerLinear(dim=3, replicas=2, replica_seeds=[1])
+    with pytest.raises(ValueError, match="adaptive SAM"):
+        fit(backend="torch", strategy=SAMStrategy(rho=0.05, adaptive=True))
+
+
+def test_per_replica_rho_grid_equals_single_runs():
+    stacked, _ = fit(backend="torch", replicas=2, replica_seeds=[3, 3], steps_per_batch=5,
+                     strategy=SAMStrategy(rho=[0.02, 0.1]))
+    for r, rho in enumerate([0.02, 0.1]):
+        single, _ = fit(backend="torch", replicas=1, replica_seeds=[3], strategy=SAMStrategy(rho=rho))
+        assert close(stacked.W[r], single.W[0]) and close(stacked.a[r], single.a[0])
+    with pytest.raises(ValueError, match="2 values of rho"):
+        fit(backend="torch", replicas=3, strategy=SAMStrategy(rho=[0.02, 0.1]))
+    with pytest.raises(Exception, match="one ρ per replica"):
+        fit(backend="autograd", strategy=SAMStrategy(rho=[0.02, 0.1]))
+
+
+def test_per_replica_sigma_grid_equals_single_runs_and_escape_report(tmp_path):
+    from lightning_lnsgd.report import escape_points, load_scalars
+    from lightning_lnsgd.report import main as report
+
+    def run(replicas, seeds, sigma, root=None):
+        model = TwoLayerLinear(dim=6, width=12, lr=0.05, replicas=replicas, replica_seeds=seeds,
+                               steps_per_batch=25, backend="torch")
+        dm = SparseTeacherDataModule(dim=6, n_train=20, seed=3)
+        logger = pl.loggers.TensorBoardLogger(root, name="", version="") if root else False
+        pl.Trainer(accelerator="cpu", max_steps=300, logger=logger, log_every_n_steps=50,
+                   callbacks=[LabelNoise(sigma=sigma, seed=1)], enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                   num_sanity_val_steps=0).fit(model, dm)
+        return model
+
+    stacked = run(2, [7, 7], [0.5, 3.0], root=tmp_path)
+    for r, sigma in enumerate([0.5, 3.0]):
+        single = run(1, [7], sigma)
+        assert close(stacked.W[r], single.W[0]) and close(stacked.a[r], single.a[0])
+    points = escape_points(load_scalars(tmp_path), "sigma")
+    assert [p[0] for p in points] == [3.0] or [p[0] for p in points] == [0.5, 3.0]
+    assert points[-1][1] == float(stacked.escape_step[1])
+    out = report([str(tmp_path), "--escape-vs", "sigma", "--out", str(tmp_path / "e.png")])
+    assert out.stat().st_size > 5000
+    # The phase figure draws one line per replica, labelled by what differs between replicas.
+    from lightning_lnsgd.report import expand_replicas
+
+    labels = [label for label, _ in expand_replicas(load_scalars(tmp_path), "run")]
+    assert labels == ["run r0 (sigma=0.5)", "run r1 (sigma=3)"]
+    assert report([str(tmp_path), "--out", str(tmp_path / "p.png")]).stat().st_size > 5000
+    with pytest.raises(ValueError, match="sigma` lists 2 values"):
+        run(3, [1, 2, 3], [0.5, 3.0])
+
+
+def test_fused_path_refuses_ddp_with_a_clear_message():
+    model = TwoLayerLinear(dim=3, width=4, replicas=2)
+    model.trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    with pytest.raises(ValueError, match="world_size=2. Use backend='autograd' for DDP"):
+        model.setup("fit")
+
+
+def test_triton_backend_through_fit_matches_torch_backend():
+    """The GPU kernel inside a real fit, on the CPU through Triton's interpreter (tiny sizes)."""
+    import os
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET unset")
+    acc = "gpu" if torch.cuda.is_available() else "cpu"
+    ref, _ = fit(steps=30, backend="torch", replicas=2, steps_per_batch=10, accelerator=acc)
+    tri, _ = fit(steps=30, backend="triton", replicas=2, steps_per_batch=10, accelerator=acc)
+    assert close(tri.W.cpu(), ref.W.cpu()) and close(tri.a.cpu(), ref.a.cpu())
+
+
+def test_auto_backend_follows_the_layer_shape():
+    """auto: numba when width ≥ dim (its cost per step grows as dim²), the torch loop over W otherwise."""
+    wide, _ = fit(steps=20, steps_per_batch=10)  # width 12, dim 6
+    narrow = TwoLayerLinear(dim=6, width=4, steps_per_batch=10, seed=2, lr=0.01)
+    dm = SparseTeacherDataModule(dim=6, n_train=20, batch_size=2, seed=3)
+    pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0).fit(narrow, dm)
+    assert wide._engine.backend == ("numba" if "numba" in available_backends() else "torch")
+    assert narrow._engine.backend == "torch"
