@@ -26,9 +26,9 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND with a time limit, output
     echo "=== $name: exit $rc"
     [ "$rc" -eq 0 ] || status=1
 }
-part tests 140 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py tests/test_sam.py \
-    -k "triton or gpu or cuda"
-part gpu_scripts 120 bash -c "python tests/callbacks/_noise_gpu.py && python tests/metrics/_metrics_gpu_sync.py && python tests/twolayer/_engine_gpu_sync.py"
+part gpu_tests 200 python -m pytest -q -p no:cacheprovider tests -m gpu
+part kernel_tests 70 python -m pytest -q -p no:cacheprovider tests/twolayer/test_kernels.py tests/twolayer/test_engine.py \
+    -k "triton or cuda"
 part kernels 60 python benchmarks/kernels.py --gpu-only
 part throughput 110 python benchmarks/throughput.py --device cuda
 part real_networks 130 python benchmarks/real_networks.py --json "$out/real_networks.json"

@@ -9,6 +9,7 @@
   package's own :func:`lightning_lnsgd.report.load_scalars`, the reader that ``report`` uses.
 """
 
+import importlib
 import logging
 import os
 from types import ModuleType
@@ -57,7 +58,10 @@ def read_scalars(run_dir: Any) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture(params=LIGHTNING_PACKAGES, ids=lambda name: name.split(".")[0])
 def lightning(request: pytest.FixtureRequest) -> ModuleType:
-    """Each installed Lightning package in turn (``pytorch_lightning``, ``lightning.pytorch``)."""
+    """Each installed Lightning package in turn (``pytorch_lightning``, ``lightning.pytorch``), with its ``demos``
+    (``BoringModel``, ``RandomDataset``, ...) and ``cli`` submodules imported."""
+    for sub in ("demos.boring_classes", "cli"):
+        importlib.import_module(f"{request.param}.{sub}")
     return compat.package(request.param)
 
 

@@ -16,7 +16,7 @@ FAST = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--train
 @pytest.fixture(autouse=True)
 def _miniature_cifar10(tmp_path_factory, monkeypatch):
     """The CIFAR-10 configs read `$LNSGD_DATA_DIR`: point it at a miniature archive in the official format."""
-    from lightning_lnsgd.examples.cifar import write_cifar10_archive
+    from lightning_lnsgd.examples.cifar_files import write_cifar10_archive
 
     root = tmp_path_factory.getbasetemp() / "mini_cifar10"
     if not (root / "cifar-10-batches-py" / "test_batch").is_file():

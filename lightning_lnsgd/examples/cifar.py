@@ -11,43 +11,39 @@ batch with torch ops, convert to float, normalise per channel. Batches are there
 tensors when they leave the DataLoader, so any consumer (``validation_step``, PruningCurve, the laziness probe)
 sees the same inputs.
 
-:func:`write_cifar10_archive` writes a miniature dataset in the official format (tests, smoke runs).
+:func:`~lightning_lnsgd.examples.cifar_files.write_cifar10_archive` writes a miniature dataset in the official format
+(tests, smoke runs); the file handling lives in :mod:`lightning_lnsgd.examples.cifar_files`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import pickle
-import shutil
-import tarfile
-import tempfile
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from ..compat import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from ..compat import LightningDataModule
+from .cifar_files import (
+    ARCHIVE_NAME,
+    CIFAR10_MD5,
+    CIFAR10_URL,
+    FOLDER,
+    TEST_FILE,
+    TRAIN_FILES,
+    download_and_extract,
+    read_batch,
+)
+
 __all__ = [
-    "CIFAR10_MD5",
-    "CIFAR10_URL",
     "CIFAR10DataModule",
     "ImageBatches",
     "default_data_dir",
     "random_crop_flip",
-    "write_cifar10_archive",
 ]
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-ARCHIVE_NAME = "cifar-10-python.tar.gz"
-FOLDER = "cifar-10-batches-py"
-TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_FILE = "test_batch"
 #: Per-channel mean and standard deviation of the CIFAR-10 training images (pixel values in [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -131,77 +127,6 @@ class ImageBatches(Dataset):
 def collate_batch(batch: Any) -> Any:
     """The DataLoader's ``collate_fn`` for :class:`ImageBatches`: the batch is already built."""
     return batch
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Files: reading, download, miniature archive
-# ------------------------------------------------------------------------------------------------------------------
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    data, labels = d[b"data"], d.get(b"labels", d.get(b"fine_labels"))
-    x = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
-    return x, torch.as_tensor(list(labels), dtype=torch.long)
-
-
-def _safe_extract(archive: Path, dest: Path) -> None:
-    with tarfile.open(archive, "r:gz") as tar:
-        root = dest.resolve()
-        for member in tar.getmembers():
-            target = (dest / member.name).resolve()
-            if root not in target.parents and target != root:
-                raise RuntimeError(f"CIFAR10DataModule: refusing to extract {member.name!r} outside {dest}.")
-            if not (member.isfile() or member.isdir()):
-                raise RuntimeError(f"CIFAR10DataModule: unexpected archive member {member.name!r} (not a file).")
-        tar.extractall(dest)
-
-
-def write_cifar10_archive(
-    root: str | os.PathLike,
-    n_per_batch: int = 4,
-    n_test: int = 8,
-    seed: int = 0,
-    extract: bool = False,
-) -> tuple[Path, str]:
-    """Writes a miniature CIFAR-10 in the official format: ``<root>/cifar-10-python.tar.gz``.
-
-    The archive holds ``cifar-10-batches-py/`` with ``data_batch_1..5`` (``n_per_batch`` random images each),
-    ``test_batch`` (``n_test``) and ``batches.meta``; labels cycle through 0..9. With ``extract=True`` the folder is
-    also extracted under ``root`` (ready for ``CIFAR10DataModule(data_dir=root)``).
-
-    Returns ``(archive path, its MD5 hex digest)``.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-
-    def batch(n: int, offset: int, name: str) -> bytes:
-        data = torch.randint(0, 256, (n, 3072), generator=gen, dtype=torch.uint8).numpy()
-        labels = [(offset + i) % 10 for i in range(n)]
-        return pickle.dumps({b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": []})
-
-    files = {f"data_batch_{i}": batch(n_per_batch, i * n_per_batch, f"training batch {i} of 5") for i in range(1, 6)}
-    files[TEST_FILE] = batch(n_test, 0, "testing batch 1 of 1")
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    files["batches.meta"] = pickle.dumps({b"label_names": [n.encode() for n in names], b"num_vis": 3072})
-    archive = root / ARCHIVE_NAME
-    with tarfile.open(archive, "w:gz") as tar:
-        for name, payload in files.items():
-            info = tarfile.TarInfo(f"{FOLDER}/{name}")
-            info.size = len(payload)
-            info.mtime = 0
-            tar.addfile(info, io.BytesIO(payload))
-    if extract:
-        _safe_extract(archive, root)
-    return archive, _md5(archive)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -294,40 +219,7 @@ class CIFAR10DataModule(LightningDataModule):
             return
         if not self.download:
             return  # setup raises the explanatory error
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if not self.archive.is_file():
-            self._fetch()
-        got = _md5(self.archive)
-        if got != self.md5:
-            bad = self.archive.with_name(self.archive.name + ".bad")
-            self.archive.replace(bad)
-            raise RuntimeError(
-                f"CIFAR10DataModule: checksum mismatch for {self.archive} (from {self.url}): MD5 {got}, expected "
-                f"{self.md5}. The file was moved to {bad}; delete it and retry, or pass the right `md5`/`url`."
-            )
-        _safe_extract(self.archive, self.data_dir)
-        missing = self._missing()
-        if missing:
-            raise RuntimeError(
-                f"CIFAR10DataModule: {self.archive} was extracted but {self.folder} lacks {missing}; "
-                "is it the CIFAR-10 *python* archive?"
-            )
-
-    def _fetch(self) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".cifar10-", suffix=".part", dir=self.data_dir)
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(self.url, timeout=60) as response:
-                shutil.copyfileobj(response, out, length=1 << 20)
-            os.replace(tmp, self.archive)
-        except OSError as err:  # URLError is an OSError
-            raise RuntimeError(
-                f"CIFAR10DataModule: could not download {self.url} ({err}). Without internet access, download "
-                f"{ARCHIVE_NAME} elsewhere and put it (or its extracted {FOLDER}/ folder) into "
-                f"{self.data_dir.resolve()}."
-            ) from err
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        download_and_extract(self.url, self.md5, self.data_dir)
 
     # -- loading -------------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -345,9 +237,9 @@ class CIFAR10DataModule(LightningDataModule):
                 f"`download: true` (data.init_args.download) to fetch and check it, or point `data_dir` (or the "
                 f"environment variable {DATA_ENV}) at the folder that contains {FOLDER}/."
             )
-        xs, ys = zip(*(_read_batch(self.folder / n) for n in TRAIN_FILES))
+        xs, ys = zip(*(read_batch(self.folder / n) for n in TRAIN_FILES))
         x_train, y_train = torch.cat(xs), torch.cat(ys)
-        x_test, y_test = _read_batch(self.folder / TEST_FILE)
+        x_test, y_test = read_batch(self.folder / TEST_FILE)
         if self.subset is not None:
             x_train, y_train = x_train[: self.subset], y_train[: self.subset]
         if self.val_subset is not None:

@@ -265,5 +265,5 @@ class ImageClassifier(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-        if self.trainer._logger_connector.should_update_logs:
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=1)
+        # Lightning hands step values to the loggers every `log_every_n_steps` itself.
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=1)

@@ -96,7 +96,7 @@ class OscillationOnly(pl.LightningModule):
                 step = self.global_step + t + 1
                 if every > 0 and step % every == 0:
                     self._log(step)
-        self.add_optimizer_steps(trainer, k)
+        add_optimizer_steps(self.trainer, k)
 
     def on_train_start(self) -> None:
         if self.global_step == 0:

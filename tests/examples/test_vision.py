@@ -17,8 +17,8 @@ from lightning_lnsgd.examples.cifar import (
     CIFAR10_STD,
     CIFAR10DataModule,
     random_crop_flip,
-    write_cifar10_archive,
 )
+from lightning_lnsgd.examples.cifar_files import write_cifar10_archive
 from lightning_lnsgd.cli import main
 from lightning_lnsgd.callbacks.label_noise import LabelNoise
 from lightning_lnsgd.examples.resnet import ResNet18
@@ -160,7 +160,7 @@ class _CheckMetricUpdates(Callback):
         self.counts = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.counts.append((batch_idx + 1, pl_module.train_acc._update_count))
+        self.counts.append((batch_idx + 1, pl_module.train_acc.update_count))
 
 
 @pytest.mark.parametrize("strategy", ["auto", "sam"])

@@ -255,13 +255,13 @@ def test_auto_picks_numba_on_cpu_unless_the_input_is_wider_than_the_layer():
 def test_package_imports_without_numba_and_triton(monkeypatch):
     import importlib
 
-    import lightning_lnsgd
+    import lightning_lnsgd.twolayer
 
     monkeypatch.setitem(sys.modules, "numba", None)  # "import numba" now raises ImportError
     monkeypatch.setitem(sys.modules, "triton", None)
     for name in [n for n in sys.modules if n.startswith("lightning_lnsgd.twolayer.kernels")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(lightning_lnsgd, "kernels", K)  # restored after the fresh import below
+    monkeypatch.setattr(lightning_lnsgd.twolayer, "kernels", K)  # restored after the fresh import below
     fresh = importlib.import_module("lightning_lnsgd.twolayer.kernels")
     assert fresh is not K
     W, a = torch.zeros(3, 2), torch.ones(3)
