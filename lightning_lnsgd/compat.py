@@ -21,10 +21,13 @@ release changes it (``tests/test_compat.py``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import operator
 import os
 import sys
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -43,9 +46,14 @@ __all__ = [
     "add_optimizer_steps",
     "extract_batch_size",
     "fabric",
+    "is_lightning_module",
+    "is_tensorboard_logger",
+    "is_trainer",
+    "misconfiguration_errors",
     "package",
     "pl",
     "rank_zero_info",
+    "redirect_log",
     "rank_zero_warn",
     "seed_everything",
     "trainer_of",
@@ -149,14 +157,28 @@ def trainer_of(module: Any) -> Any:
         return None
 
 
+def _of_every_package(attribute: str) -> tuple[type, ...]:
+    return tuple(operator.attrgetter(attribute)(package(name)) for name in INSTALLED)
+
+
 def is_trainer(obj: Any) -> bool:
     """Whether ``obj`` is a Trainer of any installed Lightning package."""
-    return any(isinstance(obj, package(name).Trainer) for name in INSTALLED)
+    return isinstance(obj, _of_every_package("Trainer"))
 
 
 def is_lightning_module(obj: Any) -> bool:
     """Whether ``obj`` is a LightningModule of any installed Lightning package."""
-    return any(isinstance(obj, package(name).LightningModule) for name in INSTALLED)
+    return isinstance(obj, _of_every_package("LightningModule"))
+
+
+def is_tensorboard_logger(obj: Any) -> bool:
+    """Whether ``obj`` is a ``TensorBoardLogger`` of any installed Lightning package."""
+    return isinstance(obj, _of_every_package("loggers.TensorBoardLogger"))
+
+
+def misconfiguration_errors() -> tuple[type, ...]:
+    """``MisconfigurationException`` of every installed package (a user's module raises its own package's)."""
+    return _of_every_package("utilities.exceptions.MisconfigurationException")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -176,3 +198,23 @@ def add_optimizer_steps(trainer: Any, n: int) -> None:
     for tracker in (progress.total, progress.current):
         tracker.ready += n
         tracker.completed += n
+
+
+@contextlib.contextmanager
+def redirect_log(module: Any, replacement: Callable[..., None]) -> Iterator[None]:
+    """Routes every ``module.log`` call to ``replacement`` for the duration of the block.
+
+    Used where a pass of the user's step must not reach Lightning's results: SAM's perturbed pass (dropped) and
+    the pruned evaluations of ``PruningCurve`` (captured). Lightning has no public hook for either. An instance
+    attribute shadows the bound method; ``log_dict`` and callbacks' ``pl_module.log`` calls go through ``log`` too
+    (``tests/test_compat.py`` checks both packages), and the method is back after the block, whatever happened.
+    """
+    shadowed = module.__dict__.get("log")
+    module.log = replacement
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del module.log
+        else:
+            module.log = shadowed

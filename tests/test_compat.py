@@ -125,3 +125,14 @@ def test_no_module_outside_compat_imports_lightning_directly():
                 if name == "lightning" or name.startswith(("lightning.", "pytorch_lightning", "lightning_fabric")):
                     offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_redirect_log_catches_log_and_log_dict_and_restores_the_method(lightning):
+    # SAM's perturbed pass and PruningCurve rely on every logging call of a module going through `module.log`.
+    model = lightning.demos.boring_classes.BoringModel()
+    seen = []
+    with compat.redirect_log(model, lambda name, value, *args, **kwargs: seen.append((name, float(value)))):
+        model.log("a", 1.0)
+        model.log_dict({"b": 2.0, "c": 3.0})
+    assert seen == [("a", 1.0), ("b", 2.0), ("c", 3.0)]
+    assert "log" not in model.__dict__ and model.log.__func__ is lightning.LightningModule.log

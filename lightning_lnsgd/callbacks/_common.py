@@ -1,15 +1,16 @@
-"""Helpers shared by the callbacks: layer lookup by name, TensorBoard writers, scalar logging."""
+"""Helpers shared by the callbacks: layer lookup by name, validation batches, and writing to the trainer's loggers."""
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..compat import pl
 import torch
-from ..compat import TensorBoardLogger
 from torch import nn
+
+from .. import compat
 
 __all__ = ["resolve_weights"]
 
@@ -45,25 +46,94 @@ def resolve_weights(module: nn.Module, patterns: Sequence[str], field: str = "la
     return found
 
 
-def _tensorboards(trainer: pl.Trainer) -> list[Any]:
-    """The SummaryWriters of the trainer's TensorBoard loggers (rank 0 only; elsewhere Lightning gives dummies)."""
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+# ------------------------------------------------------------------------------------------------------------------
+# Validation data
+# ------------------------------------------------------------------------------------------------------------------
+def validation_loaders(trainer: Any, pl_module: Any) -> list[Any]:
+    """The validation loaders of the fit: ``trainer.val_dataloaders`` once Lightning has loaded them (from the start
+    of training on, when validation runs in the first epoch), else the datamodule's, else the module's
+    ``val_dataloader()``. A dict of loaders gives its values, in order."""
+    loaders: Any = trainer.val_dataloaders
+    if loaders is None:
+        dm = trainer.datamodule
+        source = dm if dm is not None else pl_module
+        try:
+            loaders = source.val_dataloader()
+        except compat.misconfiguration_errors() as err:
+            raise ValueError(
+                f"no validation loader: pass `val_dataloaders` to fit or define {type(source).__name__}.val_dataloader()."
+            ) from err
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
-def _log_scalars(trainer: pl.Trainer, values: dict[str, torch.Tensor], step: int) -> None:
+def batch_limit(loader: Any, limit: int | float) -> int | float:
+    """How many batches of ``loader`` Lightning's ``limit_val_batches=limit`` lets through (``math.inf``: all of an
+    unsized loader). An int caps the count; a float in [0, 1] is a fraction of ``len(loader)``."""
+    size = len(loader) if hasattr(loader, "__len__") else math.inf
+    if isinstance(limit, int):
+        return min(size, limit)
+    if limit >= 1.0:
+        return size
+    if size == math.inf:
+        raise ValueError(f"limit_val_batches={limit} is a fraction, but the validation loader has no length.")
+    return int(size * limit)
+
+
+def validation_batches(trainer: Any, pl_module: Any) -> Iterator[tuple[int, int, Any]]:
+    """``(dataloader_idx, batch_idx, batch)`` over the validation loaders, within ``trainer.limit_val_batches``, each
+    batch moved to the module's device by ``trainer.strategy.batch_to_device`` (the module's transfer hooks)."""
+    for dl_idx, loader in enumerate(validation_loaders(trainer, pl_module)):
+        limit = batch_limit(loader, trainer.limit_val_batches)
+        for batch_idx, batch in enumerate(loader):
+            if batch_idx >= limit:
+                break
+            yield dl_idx, batch_idx, trainer.strategy.batch_to_device(batch, dataloader_idx=dl_idx)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Loggers
+# ------------------------------------------------------------------------------------------------------------------
+def tensorboards(trainer: Any) -> list[Any]:
+    """The SummaryWriters of the trainer's TensorBoard loggers, of either Lightning package; empty off rank 0."""
+    if not trainer.is_global_zero:
+        return []
+    return [lg.experiment for lg in trainer.loggers if compat.is_tensorboard_logger(lg)]
+
+
+def log_scalars(trainer: Any, values: dict[str, torch.Tensor | float], step: int) -> dict[str, float]:
+    """Logs 0-dim tensors or floats to every logger of ``trainer`` at ``step``; returns them as floats."""
     if not values:
-        return
+        return {}
     # one host transfer for all scalars of this step
-    floats = torch.stack([v.detach().double().cpu().reshape(()) for v in values.values()]).tolist()
+    floats = torch.stack([torch.as_tensor(v).detach().double().cpu().reshape(()) for v in values.values()]).tolist()
+    out = dict(zip(values, floats))
     for lg in trainer.loggers:
-        lg.log_metrics(dict(zip(values, floats)), step=step)
+        lg.log_metrics(out, step=step)
+    return out
 
 
-def _is_sam_perturbed_pass(trainer: pl.Trainer) -> bool:
+def log_histograms(trainer: Any, values: dict[str, torch.Tensor], step: int) -> None:
+    """Adds each 1-d tensor of ``values`` as a histogram to the trainer's TensorBoard writers."""
+    for writer in tensorboards(trainer):
+        for tag, v in values.items():
+            writer.add_histogram(tag, v.detach().float().cpu(), step)
+
+
+def log_figure(trainer: Any, tag: str, figure: Any, step: int) -> None:
+    """Adds a matplotlib figure to the trainer's TensorBoard writers, then closes it."""
+    import matplotlib.pyplot as plt
+
     try:
-        from ..strategies.sam import is_perturbed_pass
-    except ImportError:  # SAM support not installed in this tree
-        return False
+        for writer in tensorboards(trainer):
+            writer.add_figure(tag, figure, step, close=False)
+    finally:
+        plt.close(figure)
+
+
+def is_sam_perturbed_pass(trainer: Any) -> bool:
+    """Whether the current pass runs at SAM's perturbed weights w + ε (see :mod:`lightning_lnsgd.strategies.sam`)."""
+    from ..strategies.sam import is_perturbed_pass
+
     return bool(is_perturbed_pass(trainer))
-
-

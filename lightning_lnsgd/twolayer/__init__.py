@@ -1,7 +1,8 @@
 """The paper's model: the two-layer linear network, its sparse-teacher data, fused engine and kernels."""
 
 from .data import SparseTeacherDataModule
-from .model import DivergenceError, TwoLayerLinear
+from .model import TwoLayerLinear
+from .recorder import DivergenceError
 from .oscillation import OscillationOnly
 from .progress import StepProgressBar
 

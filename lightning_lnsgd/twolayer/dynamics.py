@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..metrics.weights import alignment, cosine, frobenius, lazy_distance, neuron_norms_sq
+from ..metrics import alignment, cosine, frobenius, lazy_distance, neuron_norms_sq
 from .functional import end_to_end
 
 __all__ = ["two_layer_dynamics"]

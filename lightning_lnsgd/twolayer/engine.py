@@ -78,7 +78,7 @@ class FusedEngine:
         k = x.shape[-3]
         start = trainer.global_step
         every = trainer.log_every_n_steps
-        check = model.escape_every()
+        check = model.recorder.escape_every()
         W, a = model.W.detach(), model.a.detach()
         marks = set(range(check - start % check, k + 1, check)) if self._escape_open else set()
         if every > 0:
@@ -105,7 +105,7 @@ class FusedEngine:
         model = self.model
         at_check = [i for i, s in enumerate(steps) if s % check == 0] if self._escape_open else []
         if at_check:  # the check steps are evenly spaced by `check`
-            model.update_escape(steps[at_check[0]], check, _select(Ws, at_check))
+            model.recorder.update_escape(steps[at_check[0]], check, _select(Ws, at_check))
         at_log = [i for i, s in enumerate(steps) if every > 0 and s % every == 0]
         if at_log:
             values = model.dynamics(_select(Ws, at_log), _select(As, at_log))
@@ -114,13 +114,13 @@ class FusedEngine:
     def flush(self) -> None:
         """Writes the snapshots and escapes of the last Lightning step (host syncs happen here)."""
         model = self.model
-        model.check_finite(model.trainer.global_step)
+        model.recorder.check_finite(model.trainer.global_step)
         if self._escape_open:
-            model.log_new_escapes()
-            self._escape_open = not bool(model._logged_escape.all())
+            model.recorder.log_new_escapes()
+            self._escape_open = model.recorder.escape_open
         last: dict[str, float] = {}
         for steps, values in self._pending:
-            last = model._log_dynamics_at(steps, values)
+            last = model.recorder.log_dynamics_at(steps, values)
         if "train/loss" in last:
             # For StepProgressBar (Lightning's self.log costs ~1 ms a call, more than 1000 fused steps).
             model.progress_metrics = {"loss": last["train/loss"]}

@@ -6,26 +6,16 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from ..callbacks.label_noise import LabelNoise
-from ..compat import pl, trainer_of
-from ..protocol import StepLayout
 import torch
 from torch import nn
 
-from . import functional as F
+from ..compat import pl, trainer_of
+from ..protocol import StepLayout
 from . import engine
-from ..metrics.weights import lazy_distance
-from .dynamics import two_layer_dynamics
+from . import functional as F
+from .recorder import DivergenceError, Recorder
 
 __all__ = ["TwoLayerLinear", "DivergenceError"]
-
-#: Steps between two checks of the lazy ball (``phase/escape_step``), whatever the logging interval.
-ESCAPE_RESOLUTION = 100
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or weights."""
-
 
 Backend = Literal["auto", "autograd", "torch", "numba", "triton"]
 
@@ -62,7 +52,7 @@ class TwoLayerLinear(pl.LightningModule):
     is left before ``trainer.max_steps``). Every ``trainer.log_every_n_steps`` SGD steps it logs,
     at TensorBoard step t = SGD steps done (step 0 is the initialisation): ``train/loss`` and
     ``test/loss`` (clean labels, whole sets) and the ``dynamics/*`` tags of
-    :func:`~lightning_lnsgd.metrics.two_layer_dynamics`; ``phase/escape_step`` once, the first
+    :func:`~lightning_lnsgd.twolayer.dynamics.two_layer_dynamics`; ``phase/escape_step`` once, the first
     multiple of ``min(100, log_every_n_steps)`` steps at which ``dynamics/lazy_distance`` exceeds 1.
     """
 
@@ -128,7 +118,7 @@ class TwoLayerLinear(pl.LightningModule):
         self.register_buffer("lr_per_replica", torch.tensor(rates if K is not None else rates[0]))
         self.teacher: torch.Tensor | None = None
         self._engine: engine.FusedEngine | None = None
-        self._logged_escape = torch.zeros(W.shape[:-2], dtype=torch.bool)
+        self.recorder = Recorder(self)
         #: Extra values for :class:`~lightning_lnsgd.progress.StepProgressBar` (the fused path's latest train loss).
         self.progress_metrics: dict[str, float] = {}
 
@@ -167,7 +157,7 @@ class TwoLayerLinear(pl.LightningModule):
             return None
         loss = F.half_mse(self.W, self.a, x, y)
         if loss.device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on GPU checked periodically
-            self._raise_divergence(self.global_step + 1)
+            self.recorder.raise_divergence(self.global_step + 1)
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
 
@@ -180,7 +170,7 @@ class TwoLayerLinear(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and "val/loss" in self.trainer.callback_metrics:
-            self._log_scalars({"val/loss": float(self.trainer.callback_metrics["val/loss"])}, self.global_step)
+            self.recorder.log_scalars({"val/loss": float(self.trainer.callback_metrics["val/loss"])}, self.global_step)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Predictions ŷ for the inputs of ``batch`` (a tensor or a tuple whose first item is x)."""
@@ -221,69 +211,28 @@ class TwoLayerLinear(pl.LightningModule):
 
     def on_train_start(self) -> None:
         if self.global_step == 0:
-            self._log_dynamics(0)
+            self.recorder.log_dynamics(0)
             if self.replica_seeds is not None:
                 table = {f"replica/lr/r{k}": float(v) for k, v in enumerate(self.lr_per_replica)}
                 table.update({f"replica/init_scale/r{k}": v for k, v in enumerate(self.init_scales)})
                 for cb in self.trainer.callbacks:  # a LabelNoise σ grid, for the escape-vs-σ report
                     if isinstance(getattr(cb, "sigma", None), list):
                         table.update({f"replica/sigma/r{k}": float(v) for k, v in enumerate(cb.sigma)})
-                self._log_scalars(table, 0)
+                self.recorder.log_scalars(table, 0)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.fused:
             return  # the engine logged in training_step
-        step = self.global_step
-        if step % self.escape_every() == 0:
-            self.check_finite(step)
-            self.update_escape(step)
-            self.log_new_escapes()
+        step, recorder = self.global_step, self.recorder
+        if step % recorder.escape_every() == 0:
+            recorder.check_finite(step)
+            recorder.update_escape(step)
+            recorder.log_new_escapes()
         every = self.trainer.log_every_n_steps
         if every > 0 and step % every == 0:
-            self._log_dynamics(step)
+            recorder.log_dynamics(step)
 
-    # -- dynamics ------------------------------------------------------------------------------
-    def escape_every(self) -> int:
-        """SGD steps between two checks of the lazy ball."""
-        every = self.trainer.log_every_n_steps
-        return min(ESCAPE_RESOLUTION, every) if every > 0 else ESCAPE_RESOLUTION
-
-    @torch.no_grad()
-    def update_escape(self, step: int, every: int = 1, W: torch.Tensor | None = None) -> None:
-        """Records the escape step of replicas that are outside the lazy ball for the first time (no host sync).
-
-        ``W`` holds the weights at ``S`` check steps ``step, step + every, …`` (shape ``(S,) + W.shape``); by default
-        the current weights at ``step``. A replica still inside the ball gets the first of them at which it is out.
-        """
-        Ws = self.W.unsqueeze(0) if W is None else W
-        left = lazy_distance(Ws, self.W0) > 1.0  # (S,) + replica axes
-        steps = step + every * torch.arange(len(Ws), device=left.device)
-        steps = steps.reshape((-1,) + (1,) * (left.ndim - 1))
-        first = torch.where(left, steps, torch.iinfo(torch.int64).max).amin(0)
-        new = left.any(0) & (self.escape_step < 0)
-        self.escape_step.copy_(torch.where(new, first, self.escape_step))
-
-    def log_new_escapes(self) -> None:
-        """Logs ``phase/escape_step`` (``…/r{k}`` per replica) once per replica, at the escape step."""
-        escape = self.escape_step.detach().cpu()
-        new = (escape >= 0) & ~self._logged_escape
-        if not bool(new.any()):
-            return
-        self._logged_escape |= new
-        if escape.ndim == 0:
-            self._log_scalars({"phase/escape_step": float(escape)}, int(escape))
-            return
-        for k in torch.nonzero(new).flatten().tolist():
-            self._log_scalars({f"phase/escape_step/r{k}": float(escape[k])}, int(escape[k]))
-
-    def check_finite(self, step: int) -> None:
-        finite = torch.isfinite(self.W).flatten(-2).all(-1) & torch.isfinite(self.a).all(-1)
-        if not bool(finite.all()):
-            self._raise_divergence(step, None if finite.ndim == 0 else torch.nonzero(~finite).flatten().tolist())
-
-    def _teacher_or_zero(self) -> torch.Tensor:
-        return self.teacher if self.teacher is not None else torch.zeros_like(self.W0[..., 0, :])
-
+    # -- measurements (see recorder.py) ---------------------------------------------------------
     @torch.no_grad()
     def dynamics(self, W: torch.Tensor | None = None, a: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Values of every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``), on device.
@@ -291,63 +240,7 @@ class TwoLayerLinear(pl.LightningModule):
         Of the current weights by default, else of ``W`` and ``a`` (extra leading axes allowed, e.g. snapshots).
         With replicas each value has shape ``(…, K)``.
         """
-        W = self.W if W is None else W
-        a = self.a if a is None else a
-        values = {f"dynamics/{k}": v for k, v in two_layer_dynamics(W, a, self.W0, self._teacher_or_zero()).items()}
-        trainer = trainer_of(self)
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if dm is not None and hasattr(dm, "x_train"):
-            dt = W.dtype
-            values["train/loss"] = F.half_mse(W, a, dm.x_train.to(dt), dm.y_train.to(dt))
-            values["test/loss"] = F.half_mse(W, a, dm.x_test.to(dt), dm.y_test.to(dt))
-        return values
-
-    def _log_dynamics(self, step: int) -> None:
-        self._log_dynamics_at([step], {tag: v.unsqueeze(0) for tag, v in self.dynamics().items()})
-
-    def _log_dynamics_at(self, steps: list[int], values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Logs ``values`` (each ``(len(steps), …)``) at ``steps``: one device-to-host copy per tag.
-
-        Returns what was logged at the last step."""
-        host = {tag: v.detach().double().cpu() for tag, v in values.items()}
-        finite = torch.stack([torch.isfinite(v).reshape(len(steps), -1).all(1) for v in host.values()]).all(0)
-        if not bool(finite.all()):
-            self._raise_divergence(steps[int(torch.nonzero(~finite)[0])])
-        for i, step in enumerate(steps):
-            flat: dict[str, float] = {}
-            for tag, v in host.items():
-                vi = v[i]
-                flat[tag] = float(vi.mean())
-                if vi.ndim and len(vi) <= self.hparams.log_replicas:
-                    flat.update({f"{tag}/r{k}": float(x) for k, x in enumerate(vi.tolist())})
-            self._log_scalars(flat, step)
-        return flat
-
-    def _log_scalars(self, values: dict[str, float], step: int) -> None:
-        for logger in self.loggers:
-            logger.log_metrics(values, step=step)
-
-    def _raise_divergence(self, step: int, replicas: list[int] | None = None) -> None:
-        sigma = None
-        trainer = trainer_of(self)
-        for cb in trainer.callbacks if trainer is not None else []:
-            if isinstance(cb, LabelNoise):
-                sigma = cb.level_at(step)
-                if replicas and isinstance(getattr(cb, "sigma", None), list):
-                    sigma = max(cb.sigma[r] for r in replicas) * cb.schedule_factor(step)
-        eta = self.hparams.lr
-        if replicas and isinstance(eta, list):
-            eta = max(eta[r] for r in replicas)
-        eta_s = f"{eta:g}" if isinstance(eta, (int, float)) else str(eta)
-        noise = f"σ={sigma:g}" if sigma is not None else "σ=0 (no LabelNoise callback)"
-        product = f", η·σ={eta * sigma:g}" if sigma and isinstance(eta, (int, float)) else ""
-        raise DivergenceError(
-            f"Training diverged: non-finite loss or weights at step {step}"
-            + (f" in replicas {replicas}" if replicas else "")
-            + f" with η={eta_s}, {noise}{product}. "
-            "A step size η too large for the noise level σ (η·σ too large) is the usual cause; lower `model.lr` "
-            "or the noise level."
-        )
+        return self.recorder.values(self.W if W is None else W, self.a if a is None else a)
 
 
 def _replica_list(seeds: Sequence[int] | None, K: int, seed: int) -> list[int]:

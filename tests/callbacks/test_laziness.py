@@ -1,16 +1,17 @@
 """Function-space laziness: linearisation gap and NTK kernel distance (formulas, exact lazy limit, callback)."""
 
+from types import ModuleType
+
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import Logger
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lnsgd.callbacks.laziness import Laziness, empirical_ntk, kernel_distance, linearization_gap
 from lightning_lnsgd.examples.resnet import ResNet18
+from tests.conftest import make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,55 +92,60 @@ def test_batch_norm_network_is_evaluated_in_eval_mode():
     torch.testing.assert_close(empirical_ntk(net, x), J @ J.T, rtol=1e-4, atol=1e-4)
 
 
-class _Recorder(Logger):
-    def __init__(self):
-        super().__init__()
-        self.rows = []
+def _classes(lightning: ModuleType) -> tuple[type, type]:
+    """A logger that records ``log_metrics`` rows and a small regressor, of ``lightning``'s package."""
 
-    @property
-    def name(self):
-        return "rec"
+    class Recorder(lightning.loggers.Logger):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
 
-    @property
-    def version(self):
-        return 0
+        @property
+        def name(self):
+            return "rec"
 
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
+        @property
+        def version(self):
+            return 0
 
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, dict(metrics)))
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+    class Regressor(lightning.LightningModule):
+        def __init__(self, net, lr):
+            super().__init__()
+            self.net, self.lr = net, lr
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    return Recorder, Regressor
 
 
-class _Regressor(pl.LightningModule):
-    def __init__(self, net, lr):
-        super().__init__()
-        self.net, self.lr = net, lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-def test_callback_logs_at_global_step_zero_for_linear_and_positive_for_mlp(tmp_path):
+def test_callback_logs_at_global_step_zero_for_linear_and_positive_for_mlp(lightning, tmp_path):
     torch.manual_seed(0)
     cb = Laziness(probe_size=20, kernel_probe_size=5, every_n_steps=2)
-    rec_lin = _fit_with(nn.Linear(4, 2), tmp_path, 0.5, cb)
+    rec_lin = _fit_with(lightning, nn.Linear(4, 2), tmp_path, 0.5, cb)
     assert sorted(rec_lin) == [0, 2, 4, 6]
-    assert cb.probe.shape == (20, 4)  # the first 20 validation inputs
+    # the probe is the first 20 inputs of the validation loader given to fit (not the training data)
+    assert torch.equal(cb.probe, _data(1)[0][:20])
     for step, m in rec_lin.items():
         assert m["laziness/linearization_gap"] < 1e-4 and m["laziness/kernel_distance"] < 1e-6, (step, m)
     cb2 = Laziness(probe_size=16, kernel_probe_size=4, every_n_steps=3)
-    rec_mlp = _fit_with(nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 2)), tmp_path, 2.0, cb2)
+    rec_mlp = _fit_with(lightning, nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 2)), tmp_path, 2.0, cb2)
     assert sorted(rec_mlp) == [0, 3, 6]
     assert rec_mlp[0]["laziness/linearization_gap"] == 0 and rec_mlp[0]["laziness/kernel_distance"] < 1e-6
     assert rec_mlp[6]["laziness/linearization_gap"] > 1e-3 and rec_mlp[6]["laziness/kernel_distance"] > 1e-4
@@ -150,15 +156,20 @@ def test_callback_logs_at_global_step_zero_for_linear_and_positive_for_mlp(tmp_p
     assert torch.equal(fresh.probe, cb2.probe.cpu())
 
 
-def _fit_with(net, tmp_path, lr, cb):
+def _data(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(64, 4, generator=g), torch.randn(64, 2, generator=g)
+
+
+def _fit_with(lightning, net, tmp_path, lr, cb):
+    Recorder, Regressor = _classes(lightning)
     torch.manual_seed(0)
-    x, y = torch.randn(64, 4), torch.randn(64, 2)
-    loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    rec = _Recorder()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=rec, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=1, callbacks=[cb], default_root_dir=str(tmp_path))
-    trainer.fit(_Regressor(net, lr), loader, loader)
+    train = DataLoader(TensorDataset(*_data(0)), batch_size=16)
+    val = DataLoader(TensorDataset(*_data(1)), batch_size=16)
+    rec = Recorder()
+    trainer = make_trainer(lightning, max_steps=6, logger=rec, limit_val_batches=1, callbacks=[cb],
+                           default_root_dir=str(tmp_path))
+    trainer.fit(Regressor(net, lr), train, val)
     return {step: m for step, m in rec.rows if any(k.startswith("laziness/") for k in m)}
 
 
@@ -180,5 +191,7 @@ def test_initial_buffers_mode_and_argument_checks():
     current._params0, current._buffers0 = cb._params0, cb._buffers0
     assert float(current.compute(net)["linearization_gap"]) == 0.0
     assert float(current.compute(net)["kernel_distance"]) < 1e-6
-    with pytest.raises(ValueError, match="buffers"):
+    with pytest.raises(ValueError, match=r"buffers='both' must be 'current' or 'initial'"):
         Laziness(buffers="both")
+    with pytest.raises(ValueError, match=r"probe_size=0 must be an integer >= 1"):
+        Laziness(probe_size=0)

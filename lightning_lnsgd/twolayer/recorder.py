@@ -1,0 +1,151 @@
+"""What :class:`~lightning_lnsgd.TwoLayerLinear` measures and writes: the escape from the lazy ball, the
+``dynamics/*`` and loss tags, and the divergence error."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..callbacks.label_noise import LabelNoise
+from ..compat import trainer_of
+from ..metrics import lazy_distance
+from . import functional as F
+from .dynamics import two_layer_dynamics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import TwoLayerLinear
+
+__all__ = ["DivergenceError", "ESCAPE_RESOLUTION", "Recorder"]
+
+#: Steps between two checks of the lazy ball (``phase/escape_step``), whatever the logging interval.
+ESCAPE_RESOLUTION = 100
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or weights."""
+
+
+class Recorder:
+    """Escape steps, dynamics tags and divergence checks of one :class:`TwoLayerLinear` (its replicas included).
+
+    The escape steps live in the model's ``escape_step`` buffer (saved in checkpoints); the recorder remembers which
+    of them it has written, so each replica's ``phase/escape_step`` is logged once.
+    """
+
+    def __init__(self, model: TwoLayerLinear) -> None:
+        self.model = model
+        self.logged_escape = torch.zeros(model.W.shape[:-2], dtype=torch.bool)
+
+    def escape_every(self) -> int:
+        """SGD steps between two checks of the lazy ball."""
+        every = self.model.trainer.log_every_n_steps
+        return min(ESCAPE_RESOLUTION, every) if every > 0 else ESCAPE_RESOLUTION
+
+    @property
+    def escape_open(self) -> bool:
+        """Whether some replica's escape step is still to be logged."""
+        return not bool(self.logged_escape.all())
+
+    @torch.no_grad()
+    def update_escape(self, step: int, every: int = 1, W: torch.Tensor | None = None) -> None:
+        """Records the escape step of replicas that are outside the lazy ball for the first time (no host sync).
+
+        ``W`` holds the weights at ``S`` check steps ``step, step + every, …`` (shape ``(S,) + W.shape``); by default
+        the current weights at ``step``. A replica still inside the ball gets the first of them at which it is out.
+        """
+        model = self.model
+        Ws = model.W.unsqueeze(0) if W is None else W
+        left = lazy_distance(Ws, model.W0) > 1.0  # (S,) + replica axes
+        steps = step + every * torch.arange(len(Ws), device=left.device)
+        steps = steps.reshape((-1,) + (1,) * (left.ndim - 1))
+        first = torch.where(left, steps, torch.iinfo(torch.int64).max).amin(0)
+        new = left.any(0) & (model.escape_step < 0)
+        model.escape_step.copy_(torch.where(new, first, model.escape_step))
+
+    def log_new_escapes(self) -> None:
+        """Logs ``phase/escape_step`` (``…/r{k}`` per replica) once per replica, at the escape step."""
+        escape = self.model.escape_step.detach().cpu()
+        new = (escape >= 0) & ~self.logged_escape
+        if not bool(new.any()):
+            return
+        self.logged_escape |= new
+        if escape.ndim == 0:
+            self.log_scalars({"phase/escape_step": float(escape)}, int(escape))
+            return
+        for k in torch.nonzero(new).flatten().tolist():
+            self.log_scalars({f"phase/escape_step/r{k}": float(escape[k])}, int(escape[k]))
+
+    def check_finite(self, step: int) -> None:
+        """Raises :class:`DivergenceError` if a replica's weights are not finite at ``step`` (a host sync)."""
+        model = self.model
+        finite = torch.isfinite(model.W).flatten(-2).all(-1) & torch.isfinite(model.a).all(-1)
+        if not bool(finite.all()):
+            self.raise_divergence(step, None if finite.ndim == 0 else torch.nonzero(~finite).flatten().tolist())
+
+    @torch.no_grad()
+    def values(self, W: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``) of the weights ``W``, ``a``, on device."""
+        model = self.model
+        teacher = model.teacher if model.teacher is not None else torch.zeros_like(model.W0[..., 0, :])
+        values = {f"dynamics/{k}": v for k, v in two_layer_dynamics(W, a, model.W0, teacher).items()}
+        trainer = trainer_of(model)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is not None and hasattr(dm, "x_train"):
+            dt = W.dtype
+            values["train/loss"] = F.half_mse(W, a, dm.x_train.to(dt), dm.y_train.to(dt))
+            values["test/loss"] = F.half_mse(W, a, dm.x_test.to(dt), dm.y_test.to(dt))
+        return values
+
+    def log_dynamics(self, step: int) -> None:
+        """Logs the tags of the current weights at ``step``."""
+        model = self.model
+        self.log_dynamics_at([step], {tag: v.unsqueeze(0) for tag, v in self.values(model.W, model.a).items()})
+
+    def log_dynamics_at(self, steps: list[int], values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Logs ``values`` (each ``(len(steps), …)``) at ``steps``: one device-to-host copy per tag.
+
+        Returns what was logged at the last step."""
+        host = {tag: v.detach().double().cpu() for tag, v in values.items()}
+        finite = torch.stack([torch.isfinite(v).reshape(len(steps), -1).all(1) for v in host.values()]).all(0)
+        if not bool(finite.all()):
+            self.raise_divergence(steps[int(torch.nonzero(~finite)[0])])
+        flat: dict[str, float] = {}
+        for i, step in enumerate(steps):
+            flat = {}
+            for tag, v in host.items():
+                vi = v[i]
+                flat[tag] = float(vi.mean())
+                if vi.ndim and len(vi) <= self.model.hparams.log_replicas:
+                    flat.update({f"{tag}/r{k}": float(x) for k, x in enumerate(vi.tolist())})
+            self.log_scalars(flat, step)
+        return flat
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        """Writes ``values`` to every logger at SGD step ``step``."""
+        for logger in self.model.loggers:
+            logger.log_metrics(values, step=step)
+
+    def raise_divergence(self, step: int, replicas: list[int] | None = None) -> None:
+        """Raises :class:`DivergenceError` naming the step, the replicas and the η and σ in force."""
+        model = self.model
+        sigma = None
+        trainer = trainer_of(model)
+        for cb in trainer.callbacks if trainer is not None else []:
+            if isinstance(cb, LabelNoise):
+                sigma = cb.level_at(step)
+                if replicas and isinstance(cb.sigma, list):
+                    sigma = max(cb.sigma[r] for r in replicas) * cb.schedule_factor(step)
+        eta = model.hparams.lr
+        if replicas and isinstance(eta, list):
+            eta = max(eta[r] for r in replicas)
+        eta_s = f"{eta:g}" if isinstance(eta, (int, float)) else str(eta)
+        noise = f"σ={sigma:g}" if sigma is not None else "σ=0 (no LabelNoise callback)"
+        product = f", η·σ={eta * sigma:g}" if sigma and isinstance(eta, (int, float)) else ""
+        raise DivergenceError(
+            f"Training diverged: non-finite loss or weights at step {step}"
+            + (f" in replicas {replicas}" if replicas else "")
+            + f" with η={eta_s}, {noise}{product}. "
+            "A step size η too large for the noise level σ (η·σ too large) is the usual cause; lower `model.lr` "
+            "or the noise level."
+        )
