@@ -3,7 +3,7 @@
 :class:`GaussianMixtureDataModule` draws ``num_classes`` class centres in ``dim`` dimensions and
 samples each point as its class centre plus standard normal noise; :class:`MLPClassifier` is a
 one-hidden-layer ReLU network trained by plain SGD on cross-entropy. Together with
-:class:`~lightning_lnsgd.noise.LabelNoise` (``kind="flip"``) they reproduce, at toy scale, the
+:class:`~lightning_lnsgd.LabelNoise` (``kind="flip"``) they reproduce, at toy scale, the
 paper's classification setting (science §3, §7.1): labels flipped with probability τ to a
 different class, fresh every step. See ``configs/classifier_label_noise.yaml``.
 """

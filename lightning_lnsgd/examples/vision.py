@@ -1,7 +1,7 @@
 """Real networks on real images: :class:`ImageClassifier`, :class:`DigitsDataModule` (and re-exports).
 
 * :class:`ImageClassifier`: any backbone (``"resnet18"``, ``"mlp"`` or an ``nn.Module``) trained by SGD on
-  cross-entropy; plugs into :class:`~lightning_lnsgd.noise.LabelNoise` (``kind="flip"``), the ``sam``/``sam_ddp``
+  cross-entropy; plugs into :class:`~lightning_lnsgd.LabelNoise` (``kind="flip"``), the ``sam``/``sam_ddp``
   strategies, :class:`~lightning_lnsgd.callbacks.DynamicsMonitor`, :class:`~lightning_lnsgd.callbacks.PruningCurve`
   and :class:`~lightning_lnsgd.callbacks.Laziness` without special cases.
 * :class:`DigitsDataModule`: scikit-learn's bundled 8×8 digits (1,797 images, 10 classes, no download).

@@ -1,8 +1,8 @@
 """The fused path of :class:`~lightning_lnsgd.model.TwoLayerLinear`: k SGD steps per Lightning step.
 
 Per Lightning step the datamodule has drawn the samples of all k steps (and all replicas) and the
-:class:`~lightning_lnsgd.noise.LabelNoise` callback has noised their targets, following the
-module's ``label_noise_layout()``. The engine runs the k steps with one call of
+:class:`~lightning_lnsgd.LabelNoise` callback has noised their targets, following the
+module's ``step_layout()`` (:mod:`lightning_lnsgd.protocol`). The engine runs the k steps with one call of
 :func:`lightning_lnsgd.kernels.run_steps` (torch, numba or triton) that keeps a copy of the weights at
 each step of the escape-check and logging grids, and records from those copies, on the device and
 without a host sync, the escape step and the dynamics at each logging step. :meth:`FusedEngine.flush`

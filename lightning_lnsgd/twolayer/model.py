@@ -45,7 +45,7 @@ class TwoLayerLinear(pl.LightningModule):
             replicas is always written under the plain tag.
 
     The training loss is ½·mean of (ŷ − ỹ)² over the batch targets as they arrive, so it is the
-    noisy loss when a :class:`~lightning_lnsgd.noise.LabelNoise` callback is attached.
+    noisy loss when a :class:`~lightning_lnsgd.LabelNoise` callback is attached.
 
     Steps: ``trainer.global_step`` and every logged step count *SGD steps*. On the fused path one
     Lightning step runs k SGD steps and advances ``global_step`` by k (the last one runs only what

@@ -2,7 +2,7 @@ r"""Fused multi-step kernels for the closed-form SGD / SAM step of the two-layer
 
 :func:`run_steps` runs ``k`` SGD (or SAM) steps in one call, in place, on ``R`` independent replicas, consuming
 samples ``x`` and (already noisy) targets ``y`` that the caller produced: sampling and label noise stay exactly
-the project's (:mod:`lightning_lnsgd.noise`, :mod:`lightning_lnsgd.data`); only the arithmetic is fused.
+the project's (:mod:`lightning_lnsgd.callbacks.label_noise`, :mod:`lightning_lnsgd.twolayer.data`); only the arithmetic is fused.
 
 Math (per replica r, per step t, batch ``(x_b, y_b)_{b<B} = (x[r,t], y[r,t])``, loss ½·mean_b (aᵀWx_b − y_b)²)::
 
