@@ -13,6 +13,7 @@ from .examples import (
     MLPClassifier,
     ResNet18,
 )
+from .protocol import MultiStepModule, StepLayout
 from .rng import CounterRNG
 from .strategies import SAMDDPStrategy, SAMStrategy, is_perturbed_pass, sam_perturbation
 from .twolayer import DivergenceError, OscillationOnly, SparseTeacherDataModule, StepProgressBar, TwoLayerLinear
@@ -29,11 +30,13 @@ __all__ = [
     "LabelNoise",
     "Laziness",
     "MLPClassifier",
+    "MultiStepModule",
     "OscillationOnly",
     "PruningCurve",
     "ResNet18",
     "SAMDDPStrategy",
     "SAMStrategy",
+    "StepLayout",
     "StepProgressBar",
     "SparseTeacherDataModule",
     "TwoLayerLinear",

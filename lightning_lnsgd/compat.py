@@ -36,7 +36,6 @@ __all__ = [
     "PACKAGE",
     "INSTALLED",
     "Callback",
-    "LightningCLI",
     "LightningDataModule",
     "LightningModule",
     "MisconfigurationException",

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
-__all__ = ["MultiStepModule", "StepLayout", "step_layout"]
+__all__ = ["MultiStepModule", "StepLayout", "runs_sam_step", "step_layout"]
 
 
 class StepLayout(NamedTuple):

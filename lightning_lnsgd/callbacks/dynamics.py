@@ -207,9 +207,8 @@ class DynamicsMonitor(Callback):
             raise ValueError(f"DynamicsMonitor: reference={self.reference!r} resolved to None.")
         return torch.as_tensor(ref, dtype=torch.float32).detach().flatten()
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def _resolve_layers(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # At fit start, not in setup: callbacks' setup runs before the module's, where a model may build its layers.
         self._weights = resolve_weights(pl_module, self.layers, "DynamicsMonitor.layers")
         for name, p in self._weights.items():
             if p.ndim < 2:
@@ -240,6 +239,7 @@ class DynamicsMonitor(Callback):
         return self._reference is not None and self._reference.numel() == self._weights[name][0].numel()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._resolve_layers(trainer, pl_module)
         # After the checkpoint restore: W(0) restored by load_state_dict wins over the current weights.
         for name, p in self._weights.items():
             if name not in self._initial:

@@ -139,8 +139,10 @@ class PruningCurve(Callback):
             raise ValueError(f"PruningCurve: parameters={self.parameters!r} selects nothing to prune in {type(pl_module).__name__}.")
         return chosen
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._params(pl_module)  # refuse a selection that matches nothing before training starts
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Refuse a selection that matches nothing before training starts; not in setup, which runs before the
+        # module's own setup (where a model may build its layers).
+        self._params(pl_module)
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> float:
         """One pass of ``validation_step`` over the validation batches; the value logged under ``monitor``."""

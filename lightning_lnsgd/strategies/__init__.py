@@ -1,5 +1,23 @@
-"""Sharpness-aware minimisation as Lightning strategies around the user's own optimizer."""
+"""Sharpness-aware minimisation as Lightning strategies around the user's own optimizer (both Lightning packages)."""
 
-from .sam import SAMDDPStrategy, SAMStrategy, is_perturbed_pass, sam_perturbation
+from .perturbation import sam_perturbation
+from .sam import (
+    SAMDDPStrategy,
+    SAMMixin,
+    SAMStrategy,
+    is_perturbed_pass,
+    is_sam_strategy,
+    sam_settings,
+    sam_strategy_class,
+)
 
-__all__ = ["SAMDDPStrategy", "SAMStrategy", "is_perturbed_pass", "sam_perturbation"]
+__all__ = [
+    "SAMDDPStrategy",
+    "SAMMixin",
+    "SAMStrategy",
+    "is_perturbed_pass",
+    "is_sam_strategy",
+    "sam_perturbation",
+    "sam_settings",
+    "sam_strategy_class",
+]

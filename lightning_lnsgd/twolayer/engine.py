@@ -17,21 +17,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..compat import add_optimizer_steps
+from ..strategies import sam_settings
 from . import kernels
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import TwoLayerLinear
 
-__all__ = ["FusedEngine", "sam_settings"]
-
-
-def sam_settings(strategy: object) -> tuple[float, bool, bool] | None:
-    """``(rho, normalize, adaptive)`` when ``strategy`` is one of the SAM strategies, else ``None``."""
-    from ..strategies.sam import SAMDDPStrategy, SAMStrategy
-
-    if isinstance(strategy, (SAMStrategy, SAMDDPStrategy)):
-        return strategy.rho, strategy.normalize, strategy.adaptive
-    return None
+__all__ = ["FusedEngine"]
 
 
 class FusedEngine:
@@ -48,13 +40,7 @@ class FusedEngine:
                 "with the SAM strategy, or adaptive=False."
             )
         self.sam_rho, self.sam_normalize = (None, True) if sam is None else (sam[0], sam[1])
-        if isinstance(self.sam_rho, list):
-            R = None if model.replica_seeds is None else len(model.replica_seeds)
-            if R != len(self.sam_rho):
-                raise ValueError(
-                    f"TwoLayerLinear: the SAM strategy has {len(self.sam_rho)} values of rho (one per replica) "
-                    f"but the model has replicas={R}."
-                )
+        if isinstance(self.sam_rho, list):  # one ρ per replica: the strategy checked the count at setup
             self.sam_rho = torch.tensor(self.sam_rho, dtype=model.W.dtype, device=model.W.device)
         lr = model.lr_per_replica
         self.lr: float | torch.Tensor = float(lr) if lr.ndim == 0 else lr

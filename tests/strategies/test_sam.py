@@ -1,13 +1,12 @@
-"""Tests of the SAM strategies (lightning_lnsgd/sam.py).
+"""Tests of the SAM strategies (lightning_lnsgd/strategies/sam.py), against both Lightning packages where it matters.
 
 The reference steps are computed independently in float64 with plain autograd; the SAM runs use float32.
 
-This file is also a script: ``python tests/test_sam.py ddp-worker OUTDIR`` runs a two-rank gloo DDP
-training with ``strategy="sam_ddp"`` (Lightning's subprocess launcher re-runs this same command for rank 1) and
-saves what every rank saw; ``test_ddp_two_ranks`` starts it and checks the result.
+This file is also a script: ``python tests/strategies/test_sam.py ddp-worker OUTDIR`` runs a two-rank gloo DDP
+training through the served package's own ``LightningCLI`` with ``--trainer.strategy lightning_lnsgd.SAMDDPStrategy``
+(Lightning's subprocess launcher re-runs this same command for rank 1) and saves what every rank saw;
+``test_ddp_two_ranks`` starts it once per installed package (``LIGHTNING_LNSGD_PACKAGE``) and checks the result.
 """
-
-from __future__ import annotations
 
 import copy
 import os
@@ -15,6 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Optional
 
 import pytest
@@ -23,20 +23,23 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
-from pytorch_lightning import Callback, Trainer
-
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # so that the script mode and an uninstalled checkout find the package
     sys.path.insert(0, str(REPO))
 
+from lightning_lnsgd import compat  # noqa: E402
+from lightning_lnsgd.compat import Callback, LightningModule  # noqa: E402
+from lightning_lnsgd.protocol import StepLayout  # noqa: E402
 from lightning_lnsgd.strategies.sam import (  # noqa: E402
     SAMDDPStrategy,
     SAMStrategy,
     is_perturbed_pass,
+    is_sam_strategy,
     sam_perturbation,
+    sam_settings,
+    sam_strategy_class,
 )
-
+from tests.conftest import QUIET, make_trainer  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # A tiny model
@@ -48,7 +51,7 @@ def make_data(n: int = 16, d: int = 3, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-class TinyModule(pl.LightningModule):
+class TinyModule(LightningModule):
     """MLP 3-4-1 with MSE loss; counts hooks and passes; optionally batch norm."""
 
     def __init__(
@@ -128,33 +131,17 @@ class Recorder(Callback):
         self.logged_loss: list[float] = []
         self.output_loss: list[float] = []
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.weights_before.append([p.detach().clone() for p in pl_module.parameters()])
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         # the optimizer must see the restored weights w, bit for bit
         for p, w in zip(pl_module.parameters(), self.weights_before[-1]):
             assert torch.equal(p.detach(), w)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.logged_loss.append(float(trainer.callback_metrics["train_loss"]))
         self.output_loss.append(float(outputs["loss"]))
-
-
-def make_trainer(strategy: Any, max_steps: int = -1, max_epochs: Optional[int] = None, **kw: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=strategy,
-        max_steps=max_steps,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,7 +262,7 @@ def test_single_device_steps_match_reference(variant: str, optimizer: str) -> No
     net64 = copy.deepcopy(model.net).double()
     opt64 = make_ref_optimizer(optimizer, net64.parameters(), lr)
     rec = Recorder()
-    trainer = make_trainer(SAMStrategy(rho=rho, **VARIANTS[variant]), max_steps=steps, callbacks=[rec])
+    trainer = make_trainer(strategy=SAMStrategy(rho=rho, **VARIANTS[variant]), max_steps=steps, callbacks=[rec])
     trainer.fit(model)
 
     data = make_data()
@@ -297,7 +284,7 @@ def test_hooks_clipping_and_logging_per_step() -> None:
     net64 = copy.deepcopy(model.net).double()
     opt64 = make_ref_optimizer("sgd", net64.parameters(), lr)
     rec = Recorder()
-    trainer = make_trainer(SAMStrategy(rho=rho), max_steps=steps, callbacks=[rec], gradient_clip_val=clip)
+    trainer = make_trainer(strategy=SAMStrategy(rho=rho), max_steps=steps, callbacks=[rec], gradient_clip_val=clip)
     trainer.fit(model)
 
     c = model.counts
@@ -319,9 +306,9 @@ def test_hooks_clipping_and_logging_per_step() -> None:
 
 def test_bf16_mixed_runs_close_to_fp32() -> None:
     ref = TinyModule(lr=0.05)
-    make_trainer(SAMStrategy(rho=0.1), max_steps=2).fit(ref)
+    make_trainer(strategy=SAMStrategy(rho=0.1), max_steps=2).fit(ref)
     model = TinyModule(lr=0.05)
-    make_trainer(SAMStrategy(rho=0.1), max_steps=2, precision="bf16-mixed").fit(model)
+    make_trainer(strategy=SAMStrategy(rho=0.1), max_steps=2, precision="bf16-mixed").fit(model)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert p.dtype == torch.float32
         torch.testing.assert_close(p, q, atol=3e-2, rtol=3e-2)
@@ -333,7 +320,7 @@ def test_batch_norm_running_stats(bn_update: str) -> None:
     first = copy.deepcopy(model.net)  # one training-mode forward at w on the first batch = the expected update
     x, _ = make_data().tensors
     first.train()(x[:4])
-    make_trainer(SAMStrategy(rho=0.5, bn_update=bn_update), max_steps=1).fit(model)
+    make_trainer(strategy=SAMStrategy(rho=0.5, bn_update=bn_update), max_steps=1).fit(model)
     bn, bn_ref = model.net[1], first[1]
     if bn_update == "first":
         assert int(bn.num_batches_tracked) == 1
@@ -348,16 +335,16 @@ def test_batch_norm_running_stats(bn_update: str) -> None:
 def test_resume_from_checkpoint_is_identical(tmp_path: Path, optimizer: str) -> None:
     # 8 samples, batch 4: 2 steps per epoch; stop after epoch 1, resume to epoch 2
     straight = TinyModule(optimizer=optimizer, n=8, lr=0.05)
-    make_trainer(SAMStrategy(rho=0.1), max_epochs=2).fit(straight)
+    make_trainer(strategy=SAMStrategy(rho=0.1), max_epochs=2).fit(straight)
 
     first = TinyModule(optimizer=optimizer, n=8, lr=0.05)
-    t1 = make_trainer(SAMStrategy(rho=0.1), max_epochs=1)
+    t1 = make_trainer(strategy=SAMStrategy(rho=0.1), max_epochs=1)
     t1.fit(first)
     ckpt = tmp_path / "sam.ckpt"
     t1.save_checkpoint(ckpt)
 
     resumed = TinyModule(optimizer=optimizer, n=8, lr=0.05, seed=123)  # different init: the checkpoint must win
-    t2 = make_trainer(SAMStrategy(rho=0.1), max_epochs=2)
+    t2 = make_trainer(strategy=SAMStrategy(rho=0.1), max_epochs=2)
     t2.fit(resumed, ckpt_path=ckpt)
     assert t2.global_step == 4
     for p, q in zip(resumed.parameters(), straight.parameters()):
@@ -367,29 +354,43 @@ def test_resume_from_checkpoint_is_identical(tmp_path: Path, optimizer: str) -> 
 # ----------------------------------------------------------------------------------------------------------------
 # Registry, CLI, devices
 # ----------------------------------------------------------------------------------------------------------------
-def test_registry_names_resolve() -> None:
-    t = make_trainer("sam")
-    assert type(t.strategy) is SAMStrategy
+def test_registry_names_resolve(lightning: ModuleType) -> None:
+    single, ddp = sam_strategy_class(lightning), sam_strategy_class(lightning, ddp=True)
+    t = make_trainer(package=lightning, strategy="sam")
+    assert type(t.strategy) is single and isinstance(t.strategy, lightning.strategies.SingleDeviceStrategy)
     assert t.strategy.root_device == torch.device("cpu")
-    t = Trainer(accelerator="cpu", devices=2, strategy="sam_ddp", logger=False)
-    assert type(t.strategy) is SAMDDPStrategy and t.strategy._start_method == "popen"
+    t = make_trainer(package=lightning, devices=2, strategy="sam_ddp")
+    assert type(t.strategy) is ddp and isinstance(t.strategy, lightning.strategies.DDPStrategy)
     assert len(t.strategy.parallel_devices) == 2
-    t = Trainer(accelerator="cpu", devices=2, strategy="sam_ddp_spawn", logger=False)
-    assert type(t.strategy) is SAMDDPStrategy and t.strategy._start_method == "spawn"
+    registry = lightning.strategies.StrategyRegistry
+    assert registry["sam_ddp"]["init_params"] == {"start_method": "popen"}
+    assert registry["sam_ddp_spawn"]["init_params"] == {"start_method": "spawn"}
+    assert type(make_trainer(package=lightning, devices=2, strategy="sam_ddp_spawn").strategy) is ddp
 
 
-def test_sam_on_more_than_one_device_is_refused() -> None:
+def test_flavours_are_importable_by_name_and_picklable(lightning: ModuleType) -> None:
+    import importlib
+    import pickle
+
+    for ddp in (False, True):
+        cls = sam_strategy_class(lightning, ddp=ddp)
+        assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls
+        assert is_sam_strategy(cls(rho=0.3))
+        assert sam_settings(pickle.loads(pickle.dumps(cls(rho=0.3, adaptive=True)))) == (0.3, True, True)
+    assert sam_strategy_class(compat.PACKAGE) is SAMStrategy
+    assert sam_strategy_class(compat.PACKAGE, ddp=True) is SAMDDPStrategy
+    assert sam_settings(lightning.strategies.SingleDeviceStrategy("cpu")) is None
+
+
+def test_sam_on_more_than_one_device_is_refused(lightning: ModuleType) -> None:
     with pytest.raises(Exception, match="SAMStrategy runs on one device.*devices=1.*sam_ddp"):
-        Trainer(accelerator="cpu", devices=2, strategy="sam", logger=False)
+        make_trainer(package=lightning, devices=2, strategy="sam")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_gpu_device_from_accelerator() -> None:
-    def gpu_trainer(**kw: Any) -> Trainer:
-        return Trainer(
-            accelerator="gpu", devices=1, strategy="sam", max_steps=2, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, **kw,
-        )
+    def gpu_trainer(**kw: Any) -> Any:
+        return make_trainer(accelerator="gpu", strategy="sam", max_steps=2, **kw)
 
     t = gpu_trainer()
     assert type(t.strategy) is SAMStrategy and t.strategy.root_device.type == "cuda"
@@ -399,7 +400,7 @@ def test_gpu_device_from_accelerator() -> None:
     assert ref.counts["training_step_perturbed"] == 2
     # the same steps on the CPU
     cpu = TinyModule(lr=0.05)
-    make_trainer("sam", max_steps=2).fit(cpu)
+    make_trainer(strategy="sam", max_steps=2).fit(cpu)
     for p, q in zip(ref.parameters(), cpu.parameters()):
         torch.testing.assert_close(p.cpu(), q, atol=1e-5, rtol=1e-4)
     bf16 = TinyModule(lr=0.05)
@@ -411,8 +412,7 @@ def test_gpu_device_from_accelerator() -> None:
 
 
 def test_lightning_cli_resolves_name_and_class_path(tmp_path: Path) -> None:
-    from pytorch_lightning.cli import LightningCLI
-
+    LightningCLI = compat.LightningCLI
     common = ["--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.devices", "1"]
     cli = LightningCLI(TinyModule, run=False, args=["--trainer.strategy", "sam", *common])
     assert type(cli.trainer.strategy) is SAMStrategy
@@ -421,7 +421,7 @@ def test_lightning_cli_resolves_name_and_class_path(tmp_path: Path) -> None:
     cfg.write_text(
         "trainer:\n"
         "  strategy:\n"
-        "    class_path: lightning_lnsgd.strategies.sam.SAMStrategy\n"
+        "    class_path: lightning_lnsgd.SAMStrategy\n"
         "    init_args:\n"
         "      rho: 0.2\n"
         "      normalize: false\n"
@@ -446,6 +446,91 @@ def test_lightning_cli_resolves_name_and_class_path(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Both Lightning packages: Lightning's demo BoringModel, SAM as object / registered name / CLI class path
+# ----------------------------------------------------------------------------------------------------------------
+DEMO_STEPS = 3
+
+
+class StepRecorder(Callback):
+    """Records the weights before and the batch of every step, and the loop's loss output (either package)."""
+
+    def __init__(self) -> None:
+        self.weights: list[list[Tensor]] = []
+        self.batches: list[Tensor] = []
+        self.output_loss: list[float] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.weights.append([p.detach().clone() for p in pl_module.parameters()])
+        self.batches.append(batch.detach().clone())
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.output_loss.append(float(outputs["loss"]))
+
+
+def demo_reference(rec: StepRecorder, rho: float) -> tuple[list[Tensor], list[float]]:
+    """Float64 SAM steps of the demo BoringModel (Linear 32->2, MSE to ones, SGD lr 0.1) from the recorded start."""
+    net = nn.Linear(32, 2).double()
+    with torch.no_grad():
+        for p, w in zip(net.parameters(), rec.weights[0]):
+            p.copy_(w.double())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    losses = []
+    names = [n for n, _ in net.named_parameters()]
+    params = list(net.parameters())
+    for x in rec.batches:
+        x = x.double()
+        loss = nn.functional.mse_loss(net(x), torch.ones(len(x), 2, dtype=torch.float64))
+        losses.append(float(loss.detach()))
+        e = ref_perturbation([p.detach() for p in params], list(torch.autograd.grad(loss, params)), rho, True, False)
+        shifted = {n: (p.detach() + ei).requires_grad_() for n, p, ei in zip(names, params, e)}
+        out = functional_call(net, shifted, (x,))
+        grads = torch.autograd.grad(nn.functional.mse_loss(out, torch.ones_like(out)), list(shifted.values()))
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in params], losses
+
+
+def run_demo(lightning: ModuleType, how: str, tmp_path: Path) -> tuple[Any, StepRecorder, float]:
+    import importlib
+
+    BoringModel = importlib.import_module(f"{lightning.__name__}.demos.boring_classes").BoringModel
+    LightningCLI = importlib.import_module(f"{lightning.__name__}.cli").LightningCLI
+    rec = StepRecorder()
+    quiet = dict(QUIET, max_steps=DEMO_STEPS, limit_val_batches=0, callbacks=[rec], default_root_dir=str(tmp_path))
+    lightning.seed_everything(0, verbose=False)
+    if how == "cli":
+        cls = sam_strategy_class(lightning)
+        path = "lightning_lnsgd.SAMStrategy" if cls is SAMStrategy else f"{cls.__module__}.{cls.__qualname__}"
+        args = ["fit", "--seed_everything", "0", "--trainer.strategy", path, "--trainer.strategy.rho", "0.1"]
+        cli = LightningCLI(BoringModel, args=args, trainer_defaults=quiet, save_config_callback=None)
+        return cli.model, rec, cli.trainer.strategy.rho
+    strategy = sam_strategy_class(lightning)(rho=0.1) if how == "object" else "sam"
+    model = BoringModel()
+    trainer = lightning.Trainer(strategy=strategy, **quiet)
+    assert is_sam_strategy(trainer.strategy)
+    trainer.fit(model)
+    return model, rec, trainer.strategy.rho
+
+
+@pytest.mark.parametrize("how", ["object", "name", "cli"])
+def test_demo_boring_model_matches_reference(lightning: ModuleType, how: str, tmp_path: Path) -> None:
+    model, rec, rho = run_demo(lightning, how, tmp_path)
+    assert rho == (0.05 if how == "name" else 0.1)  # the registered name gives the default radius
+    assert len(rec.batches) == DEMO_STEPS
+    want, losses = demo_reference(rec, rho)
+    for p, q in zip(model.parameters(), want):
+        torch.testing.assert_close(p.detach().double(), q, atol=2e-6, rtol=1e-5)
+    # the dict output's loss that the loop reports is the first pass's (at w), not the perturbed one
+    assert rec.output_loss == pytest.approx(losses, rel=1e-5)
+    if how == "cli":  # same seed, same rho: the CLI run is the object run, bit for bit
+        obj, _, _ = run_demo(lightning, "object", tmp_path)
+        for p, q in zip(model.parameters(), obj.parameters()):
+            assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Refusals
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rho", [0.0, -0.1])
@@ -463,7 +548,7 @@ def test_bad_bn_update_refused() -> None:
 
 def test_accumulate_grad_batches_refused() -> None:
     with pytest.raises(Exception, match=r"accumulate_grad_batches=2.*accumulate_grad_batches=1"):
-        make_trainer(SAMStrategy(), max_steps=1, accumulate_grad_batches=2).fit(TinyModule())
+        make_trainer(strategy=SAMStrategy(), max_steps=1, accumulate_grad_batches=2).fit(TinyModule())
 
 
 def test_manual_optimization_refused() -> None:
@@ -473,12 +558,12 @@ def test_manual_optimization_refused() -> None:
             self.automatic_optimization = False
 
     with pytest.raises(Exception, match=r"automatic_optimization=False.*automatic_optimization=True"):
-        make_trainer(SAMStrategy(), max_steps=1).fit(Manual())
+        make_trainer(strategy=SAMStrategy(), max_steps=1).fit(Manual())
 
 
 def test_lbfgs_refused() -> None:
     with pytest.raises(Exception, match="LBFGS.*exactly once"):
-        make_trainer(SAMStrategy(), max_steps=1).fit(TinyModule(optimizer="lbfgs"))
+        make_trainer(strategy=SAMStrategy(), max_steps=1).fit(TinyModule(optimizer="lbfgs"))
 
 
 def test_two_optimizers_refused() -> None:
@@ -488,14 +573,13 @@ def test_two_optimizers_refused() -> None:
 
     # Lightning itself refuses several optimizers under automatic optimisation before SAM's own check
     with pytest.raises(Exception, match="multiple optimizers|optimizers were configured"):
-        make_trainer(SAMStrategy(), max_steps=1).fit(Two())
+        make_trainer(strategy=SAMStrategy(), max_steps=1).fit(Two())
 
 
 def test_fp16_mixed_refused() -> None:
-    from pytorch_lightning.plugins.precision import MixedPrecision
-
+    MixedPrecision = compat.pl.plugins.precision.MixedPrecision
     with pytest.raises(Exception, match=r"precision='16-mixed'.*allowed: 32-true"):
-        make_trainer(SAMStrategy(), max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(TinyModule())
+        make_trainer(strategy=SAMStrategy(), max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu")]).fit(TinyModule())
 
 
 def test_closure_called_twice_refused_and_weights_restored() -> None:
@@ -511,7 +595,104 @@ def test_closure_called_twice_refused_and_weights_restored() -> None:
     model = M()
     w0 = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="called the closure 2 times"):
-        make_trainer(SAMStrategy(), max_steps=1).fit(model)
+        make_trainer(strategy=SAMStrategy(), max_steps=1).fit(model)
+    for p, w in zip(model.parameters(), w0):
+        assert torch.equal(p.detach(), w)
+
+
+class FusedSAM(TinyModule):
+    """A MultiStepModule stand-in: three stacked replicas, runs the SAM step itself (manual optimisation)."""
+
+    def __init__(self, replicas: int = 3) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.replicas = replicas
+        self.seen_rho: Any = None
+
+    @property
+    def runs_sam_step(self) -> bool:
+        return True
+
+    def step_layout(self) -> Optional[StepLayout]:
+        return StepLayout(tuple(range(self.replicas)), 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.seen_rho = sam_settings(self.trainer.strategy)[0]
+
+
+def test_rho_list_accepted_for_module_running_sam_with_that_many_replicas() -> None:
+    model = FusedSAM(replicas=3)
+    # no optimizer step: the stand-in does not advance global_step, so bound the run by batches
+    make_trainer(strategy=SAMStrategy(rho=[0.1, 0.2, 0.3]), max_epochs=1, limit_train_batches=2).fit(model)
+    assert model.seen_rho == [0.1, 0.2, 0.3]
+    assert model.counts["training_step_perturbed"] == 0  # the strategy ran no SAM pass of its own
+
+
+def test_rho_list_refused_for_wrong_replicas_or_plain_module() -> None:
+    with pytest.raises(Exception, match=r"rho has 2 values.*replicas=3"):
+        make_trainer(strategy=SAMStrategy(rho=[0.1, 0.2]), max_steps=1).fit(FusedSAM(replicas=3))
+    with pytest.raises(Exception, match=r"rho=\[0.1, 0.2\].*one float rho"):
+        make_trainer(strategy=SAMStrategy(rho=[0.1, 0.2]), max_steps=1).fit(TinyModule())
+    with pytest.raises(ValueError, match=r"rho=\[0.1, -1.0\].*one finite float > 0 per replica"):
+        SAMStrategy(rho=[0.1, -1.0])
+
+
+def test_epoch_and_step_logging_see_only_the_first_pass(lightning: ModuleType) -> None:
+    """A module of either package logging on_step and on_epoch gets exactly the losses at w."""
+
+    class Logs(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Linear(3, 1)
+            self.first_losses: list[float] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self.net(x), y)
+            if not is_perturbed_pass(self):
+                self.first_losses.append(float(loss.detach()))
+            self.log("train_loss", loss, on_step=True, on_epoch=True)
+            self.log_dict({"perturbed": float(is_perturbed_pass(self))}, on_step=False, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(make_data(8), batch_size=4)
+
+    class Steps(Callback):
+        def __init__(self) -> None:
+            self.step_values: list[float] = []
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.step_values.append(float(trainer.callback_metrics["train_loss_step"]))
+
+    model, steps = Logs(), Steps()
+    trainer = make_trainer(package=lightning, strategy=sam_strategy_class(lightning)(rho=0.5), max_epochs=1, callbacks=[steps])
+    trainer.fit(model)
+    assert len(model.first_losses) == 2
+    assert steps.step_values == pytest.approx(model.first_losses, rel=1e-6)
+    assert float(trainer.callback_metrics["train_loss_epoch"]) == pytest.approx(sum(model.first_losses) / 2, rel=1e-6)
+    assert float(trainer.callback_metrics["perturbed"]) == 0.0
+    assert "log" not in vars(model)  # the module's own log method is back
+
+
+def test_training_step_returning_none_skips_the_step() -> None:
+    class Skip(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+            super().training_step(batch, batch_idx)
+            return None
+
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            pass  # no gradients to measure in a skipped step
+
+    model = Skip()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match="returned `None`"):
+        make_trainer(strategy=SAMStrategy(rho=0.1), max_steps=2).fit(model)
+    assert model.counts["training_step_perturbed"] == 0
     for p, w in zip(model.parameters(), w0):
         assert torch.equal(p.detach(), w)
 
@@ -530,43 +711,46 @@ class DDPRecorder(Callback):
         self.outdir = outdir
         self.record: dict[str, Any] = {"batches": [], "weights": []}
 
-    def on_train_start(self, trainer: Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.record["initial"] = [p.detach().clone() for p in pl_module.net.parameters()]
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # one process run covers both ascent modes (process start-up dominates the test's time)
         trainer.strategy.sync_ascent = trainer.global_step >= DDP_SYNC_FROM
         self.record["batches"].append([t.detach().clone() for t in batch])
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.record["weights"].append([p.detach().clone() for p in pl_module.net.parameters()])
 
-    def on_train_end(self, trainer: Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.record["perturbed_flag"] = float(trainer.callback_metrics["perturbed_flag"])
         torch.save(self.record, self.outdir / f"rank{trainer.global_rank}.pt")
+        (self.outdir / "served").write_text(type(trainer).__module__.split(".trainer")[0])
 
 
 def ddp_worker(outdir: str) -> None:
+    """Two CPU ranks through the served package's own LightningCLI, SAM given by the package-level class path."""
     torch.set_num_threads(1)
-    model = TinyModule(optimizer="sgd", lr=DDP_LR, n=4 * 2 * DDP_STEPS, sync_dist=True)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="sam_ddp",  # the registry name, with Lightning's default subprocess launcher
-        max_steps=DDP_STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[DDPRecorder(Path(outdir))],
-    )
-    assert isinstance(trainer.strategy, SAMDDPStrategy)
-    trainer.strategy.rho = DDP_RHO  # the registry name gives the default rho
-    trainer.fit(model)
+    args = [
+        "fit",
+        "--trainer.strategy", "lightning_lnsgd.SAMDDPStrategy",
+        "--trainer.strategy.rho", str(DDP_RHO),
+        "--trainer.devices", "2",
+        "--trainer.max_steps", str(DDP_STEPS),
+        "--model.lr", str(DDP_LR),
+        "--model.n", str(4 * 2 * DDP_STEPS),
+        "--model.sync_dist", "true",
+    ]
+    defaults = dict(QUIET, devices=2, callbacks=[DDPRecorder(Path(outdir))], default_root_dir=outdir)
+    cli = compat.LightningCLI(TinyModule, args=args, trainer_defaults=defaults, save_config_callback=None)
+    assert type(cli.trainer.strategy) is SAMDDPStrategy and cli.trainer.strategy.rho == DDP_RHO
 
 
-def test_ddp_two_ranks(tmp_path: Path) -> None:
+@pytest.mark.ddp
+@pytest.mark.parametrize("package", compat.INSTALLED, ids=lambda name: name.split(".")[0])
+def test_ddp_two_ranks(tmp_path: Path, package: str) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env[compat.ENV_VAR] = package  # the worker serves this package and uses its LightningCLI and Trainer
     for k in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED"):
         env.pop(k, None)
     proc = subprocess.run(
@@ -578,6 +762,7 @@ def test_ddp_two_ranks(tmp_path: Path) -> None:
         timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (tmp_path / "served").read_text() == package
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert len(r0["weights"]) == len(r1["weights"]) == DDP_STEPS
 

@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_lnsgd import LabelNoise, SparseTeacherDataModule, TwoLayerLinear
 from lightning_lnsgd.twolayer.kernels import available_backends
+from lightning_lnsgd.compat import MisconfigurationException
 from lightning_lnsgd.strategies.sam import SAMStrategy
 
 
@@ -151,7 +152,7 @@ def test_per_replica_rho_grid_equals_single_runs():
     for r, rho in enumerate([0.02, 0.1]):
         single, _ = fit(backend="torch", replicas=1, replica_seeds=[3], strategy=SAMStrategy(rho=rho))
         assert close(stacked.W[r], single.W[0]) and close(stacked.a[r], single.a[0])
-    with pytest.raises(ValueError, match="2 values of rho"):
+    with pytest.raises(MisconfigurationException, match="rho has 2 values .* replicas=3"):
         fit(backend="torch", replicas=3, strategy=SAMStrategy(rho=[0.02, 0.1]))
     with pytest.raises(Exception, match="one ρ per replica"):
         fit(backend="autograd", strategy=SAMStrategy(rho=[0.02, 0.1]))

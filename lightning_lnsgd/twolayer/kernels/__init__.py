@@ -143,7 +143,7 @@ def _check(W: Tensor, a: Tensor, x: Tensor, y: Tensor) -> tuple[bool, int, int, 
 
 
 def _sam_eps(W: Tensor, a: Tensor, gW: Tensor, ga: Tensor, rho: Tensor, normalize: bool, batch_dims: int):
-    from ...strategies.sam import sam_perturbation
+    from ...strategies.perturbation import sam_perturbation
 
     rho_arg: Union[float, Tensor] = rho if batch_dims else rho.reshape(())
     eW, ea = sam_perturbation([W, a], [gW, ga], rho_arg, normalize=normalize, eps=SAM_EPS, batch_dims=batch_dims)
