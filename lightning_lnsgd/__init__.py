@@ -4,7 +4,13 @@ Layout: ``callbacks``, ``strategies`` and ``metrics`` are the plug-ins for any L
 the paper's model with its data, fused engine and kernels; ``examples`` are the real-network examples.
 """
 
-from .callbacks import DynamicsMonitor, HParamsSummary, LabelNoise, Laziness, PruningCurve
+from .callbacks import (
+    DynamicsMonitor,
+    HParamsSummary,
+    LabelNoise,
+    Laziness,
+    PruningCurve,
+)
 from .examples import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -16,7 +22,13 @@ from .examples import (
 from .protocol import MultiStepModule, StepLayout
 from .rng import CounterRNG
 from .strategies import SAMDDPStrategy, SAMStrategy, is_perturbed_pass, sam_perturbation
-from .twolayer import DivergenceError, OscillationOnly, SparseTeacherDataModule, StepProgressBar, TwoLayerLinear
+from .twolayer import (
+    DivergenceError,
+    OscillationOnly,
+    SparseTeacherDataModule,
+    StepProgressBar,
+    TwoLayerLinear,
+)
 
 __all__ = [
     "CIFAR10DataModule",

@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .compat import pl
-from .compat import LightningCLI
+from .compat import LightningCLI, pl
 
 __all__ = ["LNSGDCLI", "main", "LINKED_DATA_ARGS"]
 

@@ -53,7 +53,13 @@ def test_one_callback_class_suits_both_packages():
     import lightning.pytorch as L
     import pytorch_lightning as pl
 
-    from lightning_lnsgd import DynamicsMonitor, HParamsSummary, LabelNoise, Laziness, PruningCurve
+    from lightning_lnsgd import (
+        DynamicsMonitor,
+        HParamsSummary,
+        LabelNoise,
+        Laziness,
+        PruningCurve,
+    )
 
     for cls in (DynamicsMonitor, HParamsSummary, LabelNoise, Laziness, PruningCurve):
         assert issubclass(cls, pl.Callback) and issubclass(cls, L.Callback), cls

@@ -14,8 +14,21 @@ from torch import nn
 from torchmetrics import Metric
 
 from ..compat import Callback, LightningModule, Trainer, rank_zero_warn
-from ..metrics import LazyDistance, NeuronAlignment, NeuronNorms, RelativeDistance, Sparsity, outgoing_norms
-from ._common import is_sam_perturbed_pass, log_figure, log_histograms, log_scalars, resolve_weights
+from ..metrics import (
+    LazyDistance,
+    NeuronAlignment,
+    NeuronNorms,
+    RelativeDistance,
+    Sparsity,
+    outgoing_norms,
+)
+from ._common import (
+    is_sam_perturbed_pass,
+    log_figure,
+    log_histograms,
+    log_scalars,
+    resolve_weights,
+)
 from ._figures import neuron_scatter
 
 __all__ = ["DynamicsMonitor", "LayerMetrics", "OutgoingWeights"]

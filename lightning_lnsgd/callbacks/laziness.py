@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from ..compat import Callback, LightningModule, Trainer
-from ..metrics.functional.laziness import empirical_ntk, kernel_distance, linearization_gap, parameters_and_buffers
+from ..metrics.functional.laziness import (
+    empirical_ntk,
+    kernel_distance,
+    linearization_gap,
+    parameters_and_buffers,
+)
 from ._common import log_scalars, validation_loaders
 
 __all__ = ["Laziness", "empirical_ntk", "kernel_distance", "linearization_gap"]

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from ..compat import LightningDataModule, LightningModule, trainer_of
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
+
+from ..compat import LightningDataModule, LightningModule, trainer_of
 
 __all__ = ["GaussianMixtureDataModule", "MLPClassifier"]
 
@@ -133,11 +134,9 @@ class MLPClassifier(LightningModule):
     def _build(self, dim: int, num_classes: int) -> None:
         if dim < 1 or num_classes < 2:
             raise ValueError(f"MLPClassifier: need `dim` >= 1 and `num_classes` >= 2, got {dim}, {num_classes}.")
-        # Record the sizes (also in the initial hparams that loggers and checkpoints use), so that a
-        # lazily built model is loadable and its hparams agree with the datamodule's.
-        for hp in (self.hparams, getattr(self, "_hparams_initial", None)):
-            if hp is not None:
-                hp["dim"], hp["num_classes"] = dim, num_classes
+        # Record the sizes in the hyper-parameters (those loggers and checkpoints see), so that a lazily built
+        # model is loadable and its hparams agree with the datamodule's.
+        self.save_hyperparameters({**self.hparams, "dim": dim, "num_classes": num_classes})
         self.dim, self.num_classes = dim, num_classes
         self.net = nn.Sequential(nn.Linear(dim, self.hparams.hidden), nn.ReLU(), nn.Linear(self.hparams.hidden, num_classes))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -17,14 +17,14 @@ from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
-from ..compat import LightningDataModule, LightningModule, trainer_of
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..compat import LightningDataModule, LightningModule, trainer_of
+from ..strategies.sam import is_perturbed_pass
 from .cifar import CIFAR10DataModule, ImageBatches, collate_batch
 from .resnet import ImageMLP, ResNet18
-from ..strategies.sam import is_perturbed_pass
 
 __all__ = ["CIFAR10DataModule", "DigitsDataModule", "ImageClassifier", "ImageMLP", "ResNet18", "build_backbone"]
 
@@ -194,9 +194,8 @@ class ImageClassifier(LightningModule):
             self._build(num_classes, self.input_shape or [3, 32, 32])
 
     def _build(self, num_classes: int, input_shape: Sequence[int]) -> None:
-        for hp in (self.hparams, getattr(self, "_hparams_initial", None)):  # a lazily built model stays loadable
-            if hp is not None:
-                hp["num_classes"], hp["input_shape"] = int(num_classes), [int(s) for s in input_shape]
+        # In the hyper-parameters that loggers and checkpoints see, so that a lazily built model stays loadable.
+        self.save_hyperparameters({**self.hparams, "num_classes": int(num_classes), "input_shape": [int(s) for s in input_shape]})
         self.num_classes, self.input_shape = int(num_classes), [int(s) for s in input_shape]
         if self.backbone is None:
             self.backbone = build_backbone(self.hparams.backbone, self.num_classes, self.input_shape, self.hparams.width, self.hidden)

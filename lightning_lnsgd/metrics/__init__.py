@@ -26,7 +26,14 @@ from .functional import (
     stable_rank,
     stable_rank_from_singular_values,
 )
-from .weights import LazyDistance, NeuronAlignment, NeuronNorms, RelativeDistance, Sparsity, replicated
+from .weights import (
+    LazyDistance,
+    NeuronAlignment,
+    NeuronNorms,
+    RelativeDistance,
+    Sparsity,
+    replicated,
+)
 
 __all__ = [
     # functions (lightning_lnsgd.metrics.functional)

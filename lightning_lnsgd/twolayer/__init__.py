@@ -2,8 +2,8 @@
 
 from .data import SparseTeacherDataModule
 from .model import TwoLayerLinear
-from .recorder import DivergenceError
 from .oscillation import OscillationOnly
 from .progress import StepProgressBar
+from .recorder import DivergenceError
 
 __all__ = ["DivergenceError", "OscillationOnly", "SparseTeacherDataModule", "StepProgressBar", "TwoLayerLinear"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..compat import pl
 import torch
 
+from ..compat import pl
 from ..protocol import step_layout
 from ..rng import CounterRNG, replica_stream
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..compat import add_optimizer_steps, pl
 import torch
 from torch import nn
 
+from ..compat import add_optimizer_steps, pl
+from ..rng import CounterRNG
 from . import functional as F
 from .dynamics import two_layer_dynamics
-from ..rng import CounterRNG
 
 __all__ = ["OscillationOnly", "markov_step"]
 

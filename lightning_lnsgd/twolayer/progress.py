@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..compat import pl
-from ..compat import TQDMProgressBar
+from ..compat import TQDMProgressBar, pl
 
 __all__ = ["StepProgressBar"]
 

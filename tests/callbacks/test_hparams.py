@@ -16,9 +16,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _session_groups(logdir: str):
     from tensorboard import context
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.backend.event_processing import (
+        data_provider,
+        plugin_event_multiplexer,
+    )
     from tensorboard.plugins import base_plugin
-    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+    from tensorboard.plugins.hparams import (
+        api_pb2,
+        backend_context,
+        list_session_groups,
+    )
 
     mux = plugin_event_multiplexer.EventMultiplexer()
     mux.AddRunsFromDirectory(logdir)

@@ -816,7 +816,10 @@ def test_wrong_label_dtype_in_a_real_fit(lightning):
 
 
 def test_classification_example_with_flip_noise():
-    from lightning_lnsgd.examples.classification import GaussianMixtureDataModule, MLPClassifier
+    from lightning_lnsgd.examples.classification import (
+        GaussianMixtureDataModule,
+        MLPClassifier,
+    )
 
     dm = GaussianMixtureDataModule(dim=5, num_classes=4, n_train=256, n_val=128, batch_size=32, center_scale=2.0)
     model = MLPClassifier(hidden=16, lr=0.5)  # dim / num_classes taken from the datamodule

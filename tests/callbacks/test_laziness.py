@@ -9,7 +9,12 @@ from torch import nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lnsgd.callbacks.laziness import Laziness, empirical_ntk, kernel_distance, linearization_gap
+from lightning_lnsgd.callbacks.laziness import (
+    Laziness,
+    empirical_ntk,
+    kernel_distance,
+    linearization_gap,
+)
 from lightning_lnsgd.examples.resnet import ResNet18
 from tests.conftest import make_trainer
 

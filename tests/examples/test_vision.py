@@ -7,11 +7,12 @@ import threading
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 
 from lightning_lnsgd.callbacks import DynamicsMonitor, PruningCurve
+from lightning_lnsgd.callbacks.label_noise import LabelNoise
+from lightning_lnsgd.cli import main
+from lightning_lnsgd.compat import Callback
 from lightning_lnsgd.examples.cifar import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -19,11 +20,10 @@ from lightning_lnsgd.examples.cifar import (
     random_crop_flip,
 )
 from lightning_lnsgd.examples.cifar_files import write_cifar10_archive
-from lightning_lnsgd.cli import main
-from lightning_lnsgd.callbacks.label_noise import LabelNoise
 from lightning_lnsgd.examples.resnet import ResNet18
-from lightning_lnsgd.strategies.sam import SAMStrategy
 from lightning_lnsgd.examples.vision import ImageClassifier
+from lightning_lnsgd.strategies.sam import SAMStrategy
+from tests.conftest import make_trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FAST = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
@@ -63,11 +63,7 @@ def http_dir(tmp_path):
 
 
 def _trainer(tmp_path, **kw):
-    args = dict(accelerator="cpu", devices=1, max_steps=3, limit_val_batches=1, num_sanity_val_steps=0,
-                logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                default_root_dir=str(tmp_path))
-    args.update(kw)
-    return pl.Trainer(**args)
+    return make_trainer(**{"max_steps": 3, "limit_val_batches": 1, "default_root_dir": str(tmp_path), **kw})
 
 
 # ------------------------------------------------------------------------------------------------------------------

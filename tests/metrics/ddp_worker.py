@@ -12,7 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_lnsgd.metrics import LazyDistance, NeuronAlignment, NeuronNorms, RelativeDistance, Sparsity
+from lightning_lnsgd.metrics import (
+    LazyDistance,
+    NeuronAlignment,
+    NeuronNorms,
+    RelativeDistance,
+    Sparsity,
+)
 
 WORLD = 2
 

@@ -1,16 +1,14 @@
 """The fused path: k SGD steps per Lightning step, stacked replicas, kernels, SAM — same trajectories."""
 
-import glob
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_lnsgd import LabelNoise, SparseTeacherDataModule, TwoLayerLinear
-from lightning_lnsgd.twolayer.kernels import available_backends
-from lightning_lnsgd.compat import MisconfigurationException
+from lightning_lnsgd.compat import MisconfigurationException, TensorBoardLogger
 from lightning_lnsgd.strategies.sam import SAMStrategy
+from lightning_lnsgd.twolayer.kernels import available_backends
+from tests.conftest import make_trainer, read_scalars
 
 
 def fit(steps=120, noise=1.5, strategy="auto", logger=False, every=50, root=None, ckpt=None, dm_seed=3, batch_size=2,
@@ -19,7 +17,7 @@ def fit(steps=120, noise=1.5, strategy="auto", logger=False, every=50, root=None
     model_kw.setdefault("lr", 0.01)
     model = TwoLayerLinear(dim=6, width=12, **model_kw)
     dm = SparseTeacherDataModule(dim=6, n_train=20, batch_size=batch_size, seed=dm_seed, steps_per_epoch=37)
-    trainer = pl.Trainer(
+    trainer = make_trainer(
         accelerator=accelerator, devices=1, max_steps=steps, logger=logger, log_every_n_steps=every, strategy=strategy,
         callbacks=[LabelNoise(sigma=noise, seed=11)] if noise else [], enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -87,14 +85,12 @@ def test_fused_resume_is_bitwise(tmp_path):
 
 
 def _scalars(root):
-    (path,) = glob.glob(f"{root}/**/events.out.tfevents*", recursive=True)
-    acc = EventAccumulator(path)
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    """``{tag: {step: value}}`` of the run under ``root``."""
+    return {tag: dict(points) for tag, points in read_scalars(root).items()}
 
 
 def test_fused_logging_grid_and_per_replica_tags(tmp_path):
-    logger = pl.loggers.TensorBoardLogger(tmp_path, name="", version="")
+    logger = TensorBoardLogger(tmp_path, name="", version="")
     model, _ = fit(steps=130, noise=4.0, lr=0.05, backend="torch", replicas=2, steps_per_batch=40, logger=logger,
                    every=20, root=tmp_path)
     scalars = _scalars(tmp_path)
@@ -122,7 +118,7 @@ def test_fused_path_logs_what_the_generic_path_logs(tmp_path, backend, every, st
     k = 40 if every < 100 else steps  # one batch of 460 steps: snapshots at 100, 150, 200, 300, 400, 450
     for name, kw in (("generic", dict(backend="autograd")), ("fused", dict(backend=backend, steps_per_batch=k))):
         root = tmp_path / name
-        logger = pl.loggers.TensorBoardLogger(root, name="", version="")
+        logger = TensorBoardLogger(root, name="", version="")
         model, _ = fit(steps=steps, noise=4.0, lr=0.05, logger=logger, every=every,
                        root=root, **kw)
         runs[name] = (model, _scalars(root))
@@ -166,8 +162,8 @@ def test_per_replica_sigma_grid_equals_single_runs_and_escape_report(tmp_path):
         model = TwoLayerLinear(dim=6, width=12, lr=0.05, replicas=replicas, replica_seeds=seeds,
                                steps_per_batch=25, backend="torch")
         dm = SparseTeacherDataModule(dim=6, n_train=20, seed=3)
-        logger = pl.loggers.TensorBoardLogger(root, name="", version="") if root else False
-        pl.Trainer(accelerator="cpu", max_steps=300, logger=logger, log_every_n_steps=50,
+        logger = TensorBoardLogger(root, name="", version="") if root else False
+        make_trainer(accelerator="cpu", max_steps=300, logger=logger, log_every_n_steps=50,
                    callbacks=[LabelNoise(sigma=sigma, seed=1)], enable_progress_bar=False,
                    enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                    num_sanity_val_steps=0).fit(model, dm)
@@ -194,7 +190,7 @@ def test_per_replica_sigma_grid_equals_single_runs_and_escape_report(tmp_path):
 
 def test_fused_path_refuses_ddp_with_a_clear_message():
     model = TwoLayerLinear(dim=3, width=4, replicas=2)
-    model.trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    model.trainer = make_trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     with pytest.raises(ValueError, match="world_size=2. Use backend='autograd' for DDP"):
         model.setup("fit")
 
@@ -217,7 +213,46 @@ def test_auto_backend_follows_the_layer_shape():
     wide, _ = fit(steps=20, steps_per_batch=10)  # width 12, dim 6
     narrow = TwoLayerLinear(dim=6, width=4, steps_per_batch=10, seed=2, lr=0.01)
     dm = SparseTeacherDataModule(dim=6, n_train=20, batch_size=2, seed=3)
-    pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    make_trainer(accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
                enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0).fit(narrow, dm)
     assert wide._engine.backend == ("numba" if "numba" in available_backends() else "torch")
     assert narrow._engine.backend == "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("replicas", [None, 8])
+def test_cuda_fit_never_syncs_in_the_engine_and_ends_at_the_cpu_weights(monkeypatch, replicas):
+    """On CUDA the fused engine's steps run without a device-to-host sync (after the first, compiling call), and
+    5000 steps at paper size end within 1e-5 (relative) of the CPU fit, on every GPU backend."""
+    from lightning_lnsgd.twolayer.engine import FusedEngine
+
+    def paper_fit(accelerator, backend):
+        model = TwoLayerLinear(dim=20, width=1000, lr=1e-3, seed=0, steps_per_batch=1000, backend=backend,
+                               replicas=replicas)
+        data = SparseTeacherDataModule(dim=20, n_train=200, n_test=500, seed=0, steps_per_epoch=5)
+        make_trainer(accelerator=accelerator, max_steps=5000, log_every_n_steps=500, limit_val_batches=0,
+                     callbacks=[LabelNoise(sigma=4.0, seed=0)]).fit(model, data)
+        return model
+
+    reference = paper_fit("cpu", "torch")
+    unchecked = FusedEngine.run
+    for backend in [b for b in ("torch", "triton") if b in available_backends()]:
+        calls = []
+
+        def strict_run(self, x, y):
+            calls.append(1)
+            if len(calls) == 1:
+                return unchecked(self, x, y)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return unchecked(self, x, y)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        monkeypatch.setattr(FusedEngine, "run", strict_run)
+        gpu = paper_fit("gpu", backend)
+        monkeypatch.setattr(FusedEngine, "run", unchecked)
+        assert len(calls) == 5
+        error = (gpu.W.cpu().double() - reference.W.double()).norm() / reference.W.double().norm()
+        assert error <= 1e-5, (backend, float(error))

@@ -1,33 +1,24 @@
 """TwoLayerLinear + SparseTeacherDataModule: gradients, data, logged tags, resume, divergence."""
 
-import glob
 import math
 import warnings
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.warnings import PossibleUserWarning
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_lnsgd import DivergenceError, LabelNoise, SparseTeacherDataModule, TwoLayerLinear
+from lightning_lnsgd import (
+    DivergenceError,
+    LabelNoise,
+    SparseTeacherDataModule,
+    TwoLayerLinear,
+)
+from lightning_lnsgd.compat import TensorBoardLogger, pl
+from tests.conftest import make_trainer, read_scalars
 
 
 def _trainer(tmp_path, max_steps, **kw):
-    kw.setdefault("logger", False)
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+    return make_trainer(max_steps=max_steps, limit_val_batches=0, default_root_dir=tmp_path, **kw)
 
 
 def test_model_gradient_equals_closed_form():
@@ -129,7 +120,7 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
     model, dm, noise = fresh()
     second = _trainer(tmp_path / "b", 60, callbacks=[noise])
     with warnings.catch_warnings():
-        warnings.simplefilter("error", PossibleUserWarning)  # "dataloader is not resumable" must not appear
+        warnings.simplefilter("error", pl.utilities.warnings.PossibleUserWarning)  # "dataloader is not resumable" must not appear
         second.fit(model, dm, ckpt_path=ckpt)
     resumed = _weights(model)
     assert torch.equal(resumed[0], reference[0]) and torch.equal(resumed[1], reference[1])
@@ -139,17 +130,15 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
 
 
 def _scalars(root):
-    (path,) = glob.glob(f"{root}/**/events.out.tfevents*", recursive=True)
-    acc = EventAccumulator(path)
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    """``{tag: {step: value}}`` of the run under ``root``."""
+    return {tag: dict(points) for tag, points in read_scalars(root).items()}
 
 
 def test_logged_tags_equal_numpy_computation(tmp_path):
     model = TwoLayerLinear(dim=8, width=30, lr=0.04, seed=0)
     W0 = model.W.detach().double().numpy().copy()
     dm = SparseTeacherDataModule(dim=8, n_train=40, n_test=50, seed=1)
-    logger = pl.loggers.TensorBoardLogger(tmp_path, name="", version="")
+    logger = TensorBoardLogger(tmp_path, name="", version="")
     _trainer(tmp_path, 60, logger=logger, log_every_n_steps=20, callbacks=[LabelNoise(sigma=3.0)]).fit(model, dm)
     scalars = _scalars(tmp_path)
     W, a = model.W.detach().double().numpy(), model.a.detach().double().numpy()
@@ -191,7 +180,7 @@ def test_fused_divergence_is_caught_and_names_the_replica(tmp_path, backend, eve
     """Also with logging off: the fused path checks the weights at the end of every Lightning step."""
     model = TwoLayerLinear(dim=20, width=200, lr=[1e-3, 2.0], replicas=2, steps_per_batch=50, backend=backend)
     dm = SparseTeacherDataModule(dim=20, n_train=50)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2000, logger=False, log_every_n_steps=every,
+    trainer = make_trainer(accelerator="cpu", max_steps=2000, logger=False, log_every_n_steps=every,
                          callbacks=[LabelNoise(sigma=50.0)], enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
     with pytest.raises(DivergenceError, match=r"step \d+ in replicas \[1\] with η=2, σ=50.*η·σ=100"):
@@ -202,8 +191,8 @@ def test_fused_divergence_is_caught_and_names_the_replica(tmp_path, backend, eve
 def test_predict_and_validation_loss_on_the_sgd_step_grid(tmp_path):
     model = TwoLayerLinear(dim=4, width=8, lr=0.01, steps_per_batch=10, backend="torch")
     dm = SparseTeacherDataModule(dim=4, n_train=10, n_test=6, steps_per_epoch=3)
-    logger = pl.loggers.TensorBoardLogger(tmp_path, name="", version="")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=60, logger=logger, log_every_n_steps=10,
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = make_trainer(accelerator="cpu", max_steps=60, logger=logger, log_every_n_steps=10,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          num_sanity_val_steps=0, default_root_dir=tmp_path)
     trainer.fit(model, dm)

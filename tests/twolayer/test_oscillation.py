@@ -2,13 +2,13 @@
 
 import math
 
-import pytorch_lightning as pl
 import pytest
 import torch
 
 from lightning_lnsgd import OscillationOnly, SparseTeacherDataModule
 from lightning_lnsgd.twolayer import functional as F
 from lightning_lnsgd.twolayer.oscillation import markov_step
+from tests.conftest import make_trainer
 
 
 def test_markov_chain_transitions():
@@ -33,7 +33,7 @@ def test_gd_on_W_with_chain_matches_reference_and_shrinks_norms(tmp_path):
     model = OscillationOnly(dim=20, lr=lr, seed=0, steps_per_batch=500)
     W, a = model.W.detach().clone(), model.a.detach().clone()
     dm = SparseTeacherDataModule(steps_per_epoch=10)
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = make_trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
                          default_root_dir=tmp_path)
     trainer.fit(model, dm)

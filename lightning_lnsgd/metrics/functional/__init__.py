@@ -2,7 +2,13 @@
 (:mod:`.weights`) and function-space laziness (:mod:`.laziness`). The classes of :mod:`lightning_lnsgd.metrics` hold
 state and call these."""
 
-from .laziness import empirical_ntk, eval_mode, kernel_distance, linearization_gap, parameters_and_buffers
+from .laziness import (
+    empirical_ntk,
+    eval_mode,
+    kernel_distance,
+    linearization_gap,
+    parameters_and_buffers,
+)
 from .weights import (
     alignment,
     cosine,
