@@ -50,6 +50,7 @@ __all__ = [
     "is_trainer",
     "misconfiguration_errors",
     "package",
+    "package_name",
     "pl",
     "rank_zero_info",
     "redirect_log",
@@ -64,6 +65,17 @@ ENV_VAR = "LIGHTNING_LNSGD_PACKAGE"
 #: The two importable names of Lightning's trainer package, and the Fabric package that comes with each.
 _PACKAGES = {"pytorch_lightning": "lightning_fabric", "lightning.pytorch": "lightning.fabric"}
 _ALIASES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch", "lightning.pytorch": "lightning.pytorch"}
+
+
+def package_name(package: str | ModuleType) -> str:
+    """The import name of a Lightning package given as ``"pytorch_lightning"``, ``"lightning"``,
+    ``"lightning.pytorch"`` or the module itself; a ``ValueError`` names the allowed values otherwise."""
+    name = package.__name__ if isinstance(package, ModuleType) else str(package)
+    if name not in _ALIASES:
+        raise ValueError(
+            f"package={name!r} is not a Lightning package; allowed: 'pytorch_lightning', 'lightning' or 'lightning.pytorch'."
+        )
+    return _ALIASES[name]
 
 
 def _installed(name: str) -> bool:

@@ -63,7 +63,6 @@ Device = Union[torch.device, str, int]
 
 #: Prefix of each package's flavour names (``<prefix>SAMStrategy``, ``<prefix>SAMDDPStrategy``).
 FLAVOUR_PREFIX = {"pytorch_lightning": "PyTorchLightning", "lightning.pytorch": "Lightning"}
-_PACKAGE_NAMES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch", "lightning.pytorch": "lightning.pytorch"}
 
 _SUPPORTED_PRECISION = "32-true, 64-true, bf16-mixed, 16-true, bf16-true"
 
@@ -492,13 +491,6 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
     return SAMStrategy, SAMDDPStrategy
 
 
-def _package_name(package: Union[str, ModuleType]) -> str:
-    name = package.__name__ if isinstance(package, ModuleType) else str(package)
-    if name not in _PACKAGE_NAMES:
-        raise ValueError(f"package={name!r} is not a Lightning package; allowed: 'pytorch_lightning', 'lightning' or 'lightning.pytorch'.")
-    return _PACKAGE_NAMES[name]
-
-
 _FLAVOURS: dict[str, tuple[type, type]] = {}
 for _name in compat.INSTALLED:
     _FLAVOURS[_name] = _make_flavours(_name, served=_name == compat.PACKAGE)
@@ -519,7 +511,7 @@ def sam_strategy_class(package: Union[str, ModuleType] = compat.PACKAGE, ddp: bo
             (default: the served package).
         ddp: the DDP flavour instead of the single-device one.
     """
-    name = _package_name(package)
+    name = compat.package_name(package)
     if name not in _FLAVOURS:
         raise ValueError(f"package={name!r} is not installed; installed: {', '.join(_FLAVOURS)}.")
     return _FLAVOURS[name][1 if ddp else 0]
