@@ -6,7 +6,8 @@
   model summary or sanity check unless asked for); ``make_trainer(package=lightning, ...)`` builds one of another
   package.
 * ``read_scalars(run_dir)``: every scalar tag under a run directory, ``{tag: [(step, value), ...]}`` — the
-  package's own :func:`lightning_lnsgd.report.load_scalars`, the reader that ``report`` uses.
+  package's own :func:`lightning_lnsgd.report.load_scalars`, the reader that ``report`` uses; ``read_events(run_dir)``
+  for images and histograms.
 """
 
 import importlib
@@ -25,7 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lightning_lnsgd import compat  # noqa: E402
-from lightning_lnsgd.report import load_scalars  # noqa: E402
+from lightning_lnsgd.report import event_dirs, load_scalars  # noqa: E402
 
 # Lightning prints device and tip banners at INFO on every Trainer; tests only care about results.
 for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
@@ -54,6 +55,17 @@ def make_trainer(package: Optional[ModuleType] = None, **overrides: Any) -> Any:
 def read_scalars(run_dir: Any) -> dict[str, list[tuple[int, float]]]:
     """``{tag: [(step, value), ...]}`` of every scalar under ``run_dir`` (see :func:`lightning_lnsgd.report.load_scalars`)."""
     return load_scalars(run_dir)
+
+
+def read_events(run_dir: Any) -> Any:
+    """TensorBoard's ``EventAccumulator`` over the one event directory under ``run_dir``, everything loaded: for the
+    tags that are not scalars (``.Tags()["images"]``, ``.Images(tag)``, ``.Tags()["histograms"]``, ...)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (directory,) = event_dirs(run_dir)
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    events.Reload()
+    return events
 
 
 @pytest.fixture(params=LIGHTNING_PACKAGES, ids=lambda name: name.split(".")[0])

@@ -11,18 +11,10 @@ import torch
 from lightning_lnsgd import compat
 from lightning_lnsgd.callbacks import DynamicsMonitor, resolve_weights
 from tests.callbacks.user_model import user_classes
-from tests.conftest import make_trainer, read_scalars
+from tests.conftest import make_trainer, read_events, read_scalars
 from tests.metrics.numpy_reference import np_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _tb_events(log_dir: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(log_dir, size_guidance={"histograms": 0, "images": 0})
-    acc.Reload()
-    return acc
 
 
 @pytest.fixture(scope="module", params=compat.INSTALLED, ids=lambda n: n.split(".")[0])
@@ -74,7 +66,7 @@ def test_monitor_logs_correct_values(fitted) -> None:
         float(model.head.weight.detach().norm(dim=0).mean()), rel=1e-5
     )
     assert [s for s, _ in scalars["dynamics/head/oscillation"]] == [10, 20, 30, 40, 50, 60]
-    acc = _tb_events(fitted["log_dir"])
+    acc = read_events(fitted["log_dir"])
     for tag in ("dynamics/backbone.fc1/norm_sq", "dynamics/backbone.fc1/cosine", "dynamics/head/outgoing_norm"):
         assert tag in acc.Tags()["histograms"]
     assert [e.step for e in acc.Images("dynamics/backbone.fc1/scatter")] == [0, 20]
