@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
+from .checks import is_int
+
 __all__ = ["MultiStepModule", "StepLayout", "runs_sam_step", "step_layout"]
 
 
@@ -77,7 +79,7 @@ def step_layout(module: object) -> Optional[StepLayout]:
             f"{type(module).__name__}.step_layout() returned {layout!r}; it must return a "
             "lightning_lnsgd.protocol.StepLayout or None."
         )
-    if isinstance(layout.steps, bool) or not isinstance(layout.steps, int) or layout.steps < 1:
+    if not is_int(layout.steps) or layout.steps < 1:
         raise ValueError(f"{type(module).__name__}.step_layout(): steps={layout.steps!r} must be an int >= 1.")
     if layout.replica_seeds is not None and len(layout.replica_seeds) == 0:
         raise ValueError(f"{type(module).__name__}.step_layout(): replica_seeds is empty; use None for one network.")

@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 
+from ..checks import is_int
+
 __all__ = ["DEFAULT_KEYS", "Swap", "describe", "locate", "path_str", "replace", "swap_in", "tensors"]
 
 #: The mapping keys / dataclass fields tried, in order, when no ``target`` is given.
 DEFAULT_KEYS = ("y", "target", "label")
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_dataclass(obj: Any) -> bool:
@@ -108,7 +107,7 @@ def _child_key(obj: Any, step: Any, batch: Any, target: Any) -> Any:
     if isinstance(obj, (tuple, list)):
         if isinstance(step, str) and step.lstrip("-").isdigit():
             step = int(step)
-        if _is_int(step) and -len(obj) <= step < len(obj):
+        if is_int(step) and -len(obj) <= step < len(obj):
             return step % len(obj)
         raise fail(f"index {step!r} is not valid for a {type(obj).__name__} of length {len(obj)}")
     raise fail(f"cannot index a {type(obj).__name__} with {step!r}")

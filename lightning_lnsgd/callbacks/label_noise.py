@@ -30,25 +30,17 @@ from typing import Any, Literal
 
 import torch
 
+from ..checks import is_int, is_real
 from ..compat import Callback, LightningModule, Trainer
 from ..protocol import StepLayout, step_layout
-from ..rng import CounterRNG, replica_stream
 from . import noise_draw
 from .batch import Swap, locate, path_str, replace, swap_in
 from .noise_schedule import NoiseSchedule
 
 __all__ = ["LabelNoise"]
 
-_STREAM = "label_noise"
 _KINDS = ("rademacher", "gaussian", "flip")
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_level(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
 
 
 class LabelNoise(Callback):
@@ -104,20 +96,20 @@ class LabelNoise(Callback):
         if kind not in _KINDS:
             raise ValueError(f"LabelNoise: `kind` must be 'rademacher', 'gaussian' or 'flip', got {kind!r}.")
         is_list = isinstance(sigma, (list, tuple))
-        if not (all(_is_level(v) for v in sigma) and len(sigma) > 0 if is_list else _is_level(sigma)):
+        if not (all(is_real(v, 0) for v in sigma) and len(sigma) > 0 if is_list else is_real(sigma, 0)):
             raise ValueError(
                 "LabelNoise: `sigma` must be a finite float >= 0 (the noise level in label units), or a list of them"
                 f" (one per stacked replica), got {sigma!r}."
             )
-        if not isinstance(flip_prob, (int, float)) or isinstance(flip_prob, bool) or not 0.0 <= flip_prob <= 1.0:
+        if not is_real(flip_prob, 0.0, 1.0):
             raise ValueError(f"LabelNoise: `flip_prob` must be a probability in [0, 1], got {flip_prob!r}.")
-        if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
+        if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
             raise ValueError(f"LabelNoise: `num_classes` must be an int >= 2 (or None), got {num_classes!r}.")
         if isinstance(target, bool) or not (target is None or isinstance(target, (int, str))):
             raise ValueError(
                 f"LabelNoise: `target` must be an int index, a str key / dotted path, or None, got {target!r}."
             )
-        if not _is_int(seed):
+        if not is_int(seed):
             raise ValueError(f"LabelNoise: `seed` must be an int, got {seed!r}.")
         self.schedule = NoiseSchedule(schedule, start_step, stop_step, period_on, period_off, decay_until)
         self.kind = kind
@@ -132,7 +124,7 @@ class LabelNoise(Callback):
 
         #: SGD steps drawn so far (training batches, or k per batch of a multi-step module): the random state.
         self.counter = 0
-        self._rngs: dict[tuple[tuple[int, ...] | None, int], CounterRNG] = {}
+        self._streams = noise_draw.NoiseStreams(kind, int(seed))
         self._checked = False  # dtype checks of the first training batch done
         self._swap: Swap | None = None  # the noisy label currently in the training batch
         self._last: dict[str, Any] = {}  # what the last draw did, for logging
@@ -257,39 +249,15 @@ class LabelNoise(Callback):
             self.counter += k  # step t's draw stays the same whatever the schedule did before
             return path, None
 
-        rng = self._rng(replica_seeds, 0 if trainer is None else trainer.global_rank)
-        rng.counter = self.counter
         shape = tuple(labels.shape[lead:])
-        n = None if lead == 0 else k
-        level = self._level_tensor(factors, levels, labels.device, len(shape))
-        if self.kind == "flip":
-            noisy, mask = noise_draw.flip(labels, rng, int(self.num_classes), level, n, shape)  # type: ignore[arg-type]
-            self._last["mask"] = mask
-        else:
-            noisy = noise_draw.additive(labels, rng, self.kind, level, n, shape)
-        self.counter = rng.counter
+        replica_levels = self.sigma if isinstance(self.sigma, list) and self.kind != "flip" else None
+        level = noise_draw.label_levels(factors, self.level, replica_levels, labels.device, len(shape))
+        noisy, mask, self.counter = self._streams.draw(
+            labels, self.counter, 0 if trainer is None else trainer.global_rank, replica_seeds,
+            None if lead == 0 else k, lead, level, self.num_classes,
+        )
+        self._last["mask"] = mask
         return path, noisy
-
-    def _level_tensor(self, factors: list[float], levels: list[float], device: torch.device, dims: int) -> Any:
-        """The level of each label: one float, or a float64 tensor over the (replica, step) axes."""
-        k = len(factors)
-        if isinstance(self.sigma, list) and self.kind != "flip":  # (R, k, 1, …) = σ_r × the factor of row i
-            factor = torch.tensor(factors, dtype=torch.float64, device=device)
-            sigma = torch.tensor(self.sigma, dtype=torch.float64, device=device)
-            return (sigma[:, None] * factor[None, :]).view(len(self.sigma), k, *([1] * dims))
-        if len(set(levels)) == 1:
-            return levels[0]
-        return torch.tensor(levels, dtype=torch.float64, device=device).view(k, *([1] * dims))
-
-    def _rng(self, replica_seeds: tuple[int, ...] | None, rank: int) -> CounterRNG:
-        key = (replica_seeds, rank)
-        rng = self._rngs.get(key)
-        if rng is None:
-            seeds: int | list[int] = (
-                self.seed if replica_seeds is None else [replica_stream(self.seed, r) for r in replica_seeds]
-            )
-            rng = self._rngs[key] = CounterRNG(seeds, stream=_STREAM, rank=rank)
-        return rng
 
     # ------------------------------------------------------------------ logging
 
@@ -363,6 +331,6 @@ def _find_num_classes(pl_module: LightningModule, trainer: Trainer) -> int | Non
         if obj is None:
             continue
         value = obj.get("num_classes") if isinstance(obj, Mapping) else getattr(obj, "num_classes", None)
-        if _is_int(value) and value >= 2:
+        if is_int(value) and value >= 2:
             return int(value)
     return None

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..rng import CounterRNG
+from ..rng import CounterRNG, replica_stream
 
-__all__ = ["additive", "flip"]
+__all__ = ["NoiseStreams", "additive", "flip", "label_levels"]
+
+#: The CounterRNG stream name of label noise.
+STREAM = "label_noise"
 
 Level = float | torch.Tensor
 
@@ -45,3 +48,66 @@ def flip(
     mask = u < prob
     flipped = torch.remainder(labels.to(torch.int64) + offset, num_classes).to(labels.dtype)
     return torch.where(mask, flipped, labels), mask
+
+
+def label_levels(
+    factors: list[float], level: float, replica_levels: list[float] | None, device: torch.device, dims: int
+) -> Level:
+    """The noise level of each label of ``len(factors)`` SGD steps: one float when it is the same everywhere, else a
+    float64 tensor over the (replica, step) axes that broadcasts over the ``dims`` axes of one step's label.
+
+    ``factors`` are the schedule's factors of the steps; ``level`` the full level (σ or τ); ``replica_levels`` one
+    full σ per stacked replica, or ``None``.
+    """
+    k = len(factors)
+    if replica_levels is not None:  # (R, k, 1, …) = σ_r × the factor of step row i
+        factor = torch.tensor(factors, dtype=torch.float64, device=device)
+        sigma = torch.tensor(replica_levels, dtype=torch.float64, device=device)
+        return (sigma[:, None] * factor[None, :]).view(len(replica_levels), k, *([1] * dims))
+    levels = [level * f for f in factors]
+    if len(set(levels)) == 1:
+        return levels[0]
+    return torch.tensor(levels, dtype=torch.float64, device=device).view(k, *([1] * dims))
+
+
+class NoiseStreams:
+    """The random streams of one :class:`~lightning_lnsgd.LabelNoise`: one :class:`CounterRNG` per (replica seeds,
+    DDP rank), seeded by ``seed`` (a stacked replica's stream by ``replica_stream(seed, replica seed)``).
+
+    A draw is a pure function of the seed, the rank, the replica seed and the counter of SGD steps drawn before it.
+    """
+
+    def __init__(self, kind: str, seed: int) -> None:
+        self.kind, self.seed = kind, seed
+        self._rngs: dict[tuple[tuple[int, ...] | None, int], CounterRNG] = {}
+
+    def draw(
+        self,
+        labels: torch.Tensor,
+        counter: int,
+        rank: int,
+        replica_seeds: tuple[int, ...] | None,
+        steps: int | None,
+        lead: int,
+        level: Level,
+        num_classes: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """``(noisy labels, flipped mask or None, counter after the draw)`` for labels whose first ``lead`` axes are
+        (replica, step) axes; ``steps`` is the step axis's length, or ``None`` for one step's label."""
+        rng = self._stream(replica_seeds, rank)
+        rng.counter = counter
+        shape = tuple(labels.shape[lead:])
+        if self.kind == "flip":
+            noisy, mask = flip(labels, rng, int(num_classes), level, steps, shape)  # type: ignore[arg-type]
+        else:
+            noisy, mask = additive(labels, rng, self.kind, level, steps, shape), None
+        return noisy, mask, rng.counter
+
+    def _stream(self, replica_seeds: tuple[int, ...] | None, rank: int) -> CounterRNG:
+        key = (replica_seeds, rank)
+        if key not in self._rngs:
+            seeds: int | list[int] = (
+                self.seed if replica_seeds is None else [replica_stream(self.seed, r) for r in replica_seeds]
+            )
+            self._rngs[key] = CounterRNG(seeds, stream=STREAM, rank=rank)
+        return self._rngs[key]

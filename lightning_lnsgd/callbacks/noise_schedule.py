@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
+
+from ..checks import is_int
 
 __all__ = ["SCHEDULES", "NoiseSchedule"]
 
 #: The schedule names :class:`NoiseSchedule` accepts.
 SCHEDULES = ("constant", "periodic", "decay")
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class NoiseSchedule:
@@ -40,19 +39,19 @@ class NoiseSchedule:
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"LabelNoise: `schedule` must be 'constant', 'periodic' or 'decay', got {schedule!r}.")
-        if not _is_int(start_step) or start_step < 0:
+        if not is_int(start_step) or start_step < 0:
             raise ValueError(f"LabelNoise: `start_step` must be an int >= 0, got {start_step!r}.")
-        if stop_step is not None and (not _is_int(stop_step) or stop_step <= start_step):
+        if stop_step is not None and (not is_int(stop_step) or stop_step <= start_step):
             raise ValueError(
                 f"LabelNoise: `stop_step` must be None or an int > `start_step` ({start_step}), got {stop_step!r}."
             )
         if schedule == "periodic":
             for name, value in (("period_on", period_on), ("period_off", period_off)):
-                if not _is_int(value) or value <= 0:
+                if not is_int(value) or value <= 0:
                     raise ValueError(
                         f"LabelNoise: schedule='periodic' needs `{name}` to be a positive int (steps), got {value!r}."
                     )
-        if schedule == "decay" and (not _is_int(decay_until) or decay_until <= start_step):
+        if schedule == "decay" and (not is_int(decay_until) or decay_until <= start_step):
             raise ValueError(
                 f"LabelNoise: schedule='decay' needs `decay_until` as an int > `start_step` ({start_step});"
                 f" got {decay_until!r}."

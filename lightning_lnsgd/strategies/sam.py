@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import compat
+from ..checks import is_real
 from ..protocol import runs_sam_step, step_layout
 from .perturbation import sam_perturbation
 
@@ -108,6 +109,79 @@ def _tracks_running_stats(module: nn.Module) -> bool:
     return bool(getattr(module, "track_running_stats", False)) and getattr(module, "running_mean", None) is not None
 
 
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module) -> Generator[None, None, None]:
+    """The running statistics of ``module``'s normalisation layers are the same after the block as before it.
+
+    Saving and restoring the buffers (rather than setting momentum to 0) also covers ``momentum=None`` (cumulative
+    average) and ``num_batches_tracked``."""
+    saved = [
+        (m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None})
+        for m in module.modules()
+        if _tracks_running_stats(m)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in saved:
+                for k, b in buffers.items():
+                    getattr(m, k).copy_(b)
+
+
+def _refusal(strategy: Any, trainer: Any) -> Optional[str]:
+    """Why ``strategy`` cannot run SAM for ``trainer``'s fit (one sentence naming the setting, its value and what
+    is allowed), or ``None``."""
+    module = trainer.lightning_module
+    if runs_sam_step(module):
+        # The module runs the SAM step itself with this strategy's settings (lightning_lnsgd.protocol).
+        layout = step_layout(module)
+        replicas = None if layout is None else layout.replicas
+        if isinstance(strategy.rho, list) and replicas != len(strategy.rho):
+            return (
+                f"rho has {len(strategy.rho)} values (one per replica) but {type(module).__name__} runs "
+                f"replicas={replicas}; give one float rho or exactly one value per replica."
+            )
+        return None
+    if isinstance(strategy.rho, list):
+        return (
+            f"rho={strategy.rho!r} (one ρ per replica) needs a module that runs the SAM step on stacked replicas "
+            "itself (lightning_lnsgd.protocol.MultiStepModule); give one float rho for any other module."
+        )
+    if not module.automatic_optimization:
+        return (
+            "automatic_optimization=False (manual optimisation) is not supported; SAM drives the two "
+            "forward/backward passes itself and needs automatic_optimization=True."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        return (
+            f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported; SAM needs the "
+            "gradient of one batch for its ascent step, use accumulate_grad_batches=1."
+        )
+    optimizers = strategy.optimizers
+    if len(optimizers) > 1:
+        return f"{len(optimizers)} optimizers were configured; SAM supports exactly one optimizer."
+    for opt in optimizers:
+        if isinstance(opt, torch.optim.LBFGS):
+            return (
+                f"optimizer {type(opt).__name__} is not supported; SAM needs an optimizer whose step calls the "
+                "closure exactly once (SGD, Adam, AdamW, ...), LBFGS re-evaluates it."
+            )
+    precision = strategy._package.plugins.precision
+    plugin = strategy.precision_plugin
+    if isinstance(plugin, precision.MixedPrecision):
+        ok = plugin.scaler is None  # bf16-mixed has no gradient scaler
+    else:
+        ok = type(plugin) in (precision.Precision, precision.DoublePrecision, precision.HalfPrecision)
+    if not ok:
+        return (
+            f"precision={getattr(plugin, 'precision', type(plugin).__name__)!r} ({type(plugin).__name__}) is not "
+            f"supported; allowed: {_SUPPORTED_PRECISION} (16-mixed is refused: its gradient scaler would also have "
+            "to see the ascent gradient)."
+        )
+    return None
+
+
 class SAMMixin:
     """The SAM step, shared by every flavour (single device / DDP, ``pytorch_lightning`` / ``lightning.pytorch``).
 
@@ -155,57 +229,10 @@ class SAMMixin:
             self._validate_sam(trainer)
 
     def _validate_sam(self, trainer: Any) -> None:
-        """Refuse settings under which the SAM step is not well defined (clear message: setting, value, allowed)."""
-        name = type(self).__name__
-        refuse = self._package.utilities.exceptions.MisconfigurationException
-        module = trainer.lightning_module
-        if runs_sam_step(module):
-            # The module runs the SAM step itself with this strategy's settings (lightning_lnsgd.protocol).
-            if isinstance(self.rho, list):
-                layout = step_layout(module)
-                replicas = None if layout is None else layout.replicas
-                if replicas != len(self.rho):
-                    raise refuse(
-                        f"{name}: rho has {len(self.rho)} values (one per replica) but {type(module).__name__} runs "
-                        f"replicas={replicas}; give one float rho or exactly one value per replica."
-                    )
-            return
-        if isinstance(self.rho, list):
-            raise refuse(
-                f"{name}: rho={self.rho!r} (one ρ per replica) needs a module that runs the SAM step on stacked "
-                "replicas itself (lightning_lnsgd.protocol.MultiStepModule); give one float rho for any other module."
-            )
-        if not module.automatic_optimization:
-            raise refuse(
-                f"{name}: automatic_optimization=False (manual optimisation) is not supported; SAM drives the two "
-                "forward/backward passes itself and needs automatic_optimization=True."
-            )
-        if trainer.accumulate_grad_batches != 1:
-            raise refuse(
-                f"{name}: Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported; "
-                "SAM needs the gradient of one batch for its ascent step, use accumulate_grad_batches=1."
-            )
-        optimizers = self.optimizers  # type: ignore[attr-defined]
-        if len(optimizers) > 1:
-            raise refuse(f"{name}: {len(optimizers)} optimizers were configured; SAM supports exactly one optimizer.")
-        for opt in optimizers:
-            if isinstance(opt, torch.optim.LBFGS):
-                raise refuse(
-                    f"{name}: optimizer {type(opt).__name__} is not supported; SAM needs an optimizer whose step "
-                    "calls the closure exactly once (SGD, Adam, AdamW, ...), LBFGS re-evaluates it."
-                )
-        precision = self._package.plugins.precision
-        plugin = self.precision_plugin  # type: ignore[attr-defined]
-        if isinstance(plugin, precision.MixedPrecision):
-            ok = plugin.scaler is None  # bf16-mixed has no gradient scaler
-        else:
-            ok = type(plugin) in (precision.Precision, precision.DoublePrecision, precision.HalfPrecision)
-        if not ok:
-            raise refuse(
-                f"{name}: precision={getattr(plugin, 'precision', type(plugin).__name__)!r} ({type(plugin).__name__}) "
-                f"is not supported; allowed: {_SUPPORTED_PRECISION} (16-mixed is refused: its gradient scaler would "
-                "also have to see the ascent gradient)."
-            )
+        """Refuse settings under which the SAM step is not well defined, in the flavour's package's exception."""
+        refusal = _refusal(self, trainer)
+        if refusal is not None:
+            raise self._package.utilities.exceptions.MisconfigurationException(f"{type(self).__name__}: {refusal}")
 
     # ---------------------------------------------------------------- the step
     def _ascent_context(self) -> contextlib.AbstractContextManager:
@@ -216,25 +243,15 @@ class SAMMixin:
     def _perturbed_context(self, module: nn.Module) -> Generator[None, None, None]:
         """Flag the perturbed pass, drop its logging, and (bn_update='first') keep the running statistics."""
         global _PERTURBED_DEPTH
-        saved_stats: list[tuple[nn.Module, dict[str, Tensor]]] = []
-        if self.bn_update == "first":
-            # saving and restoring the buffers (rather than momentum=0) also covers momentum=None (cumulative
-            # average) and num_batches_tracked
-            for m in module.modules():
-                if _tracks_running_stats(m):
-                    saved_stats.append((m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}))
+        kept = _running_stats_kept(module) if self.bn_update == "first" else contextlib.nullcontext()
         self._perturbed_pass = True
         _PERTURBED_DEPTH += 1
         try:
-            with compat.redirect_log(module, _drop_log):
+            with kept, compat.redirect_log(module, _drop_log):
                 yield
         finally:
             self._perturbed_pass = False
             _PERTURBED_DEPTH -= 1
-            with torch.no_grad():
-                for m, buffers in saved_stats:
-                    for k, b in buffers.items():
-                        getattr(m, k).copy_(b)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """Lightning's training step; in the perturbed pass it returns the first pass's output with the loss
@@ -321,7 +338,7 @@ class SAMMixin:
 
 
 def _is_radius(r: Any) -> bool:
-    return isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < float("inf")
+    return is_real(r) and r > 0
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -6,15 +6,13 @@ from typing import Any
 
 import torch
 
+from ..checks import is_int
 from ..compat import pl
 from ..protocol import step_layout
 from ..rng import CounterRNG, replica_stream
 
 __all__ = ["SparseTeacherDataModule"]
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _Draw:
@@ -105,16 +103,16 @@ class SparseTeacherDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("n_train", n_train, 1), ("n_test", n_test, 1), ("batch_size", batch_size, 1)):
-            if not _is_int(value) or value < low:
+            if not is_int(value) or value < low:
                 raise ValueError(f"SparseTeacherDataModule: `{name}` must be an integer ≥ {low}, got {value!r}.")
         if not isinstance(teacher_norm, (int, float)) or not 0 <= teacher_norm < float("inf"):
             raise ValueError(f"SparseTeacherDataModule: `teacher_norm` must be ≥ 0, got {teacher_norm!r}.")
-        if teacher_nonzeros is not None and not (_is_int(teacher_nonzeros) and 1 <= teacher_nonzeros <= dim):
+        if teacher_nonzeros is not None and not (is_int(teacher_nonzeros) and 1 <= teacher_nonzeros <= dim):
             raise ValueError(
                 f"SparseTeacherDataModule: `teacher_nonzeros` must be between 1 and dim={dim} (or null for dense), "
                 f"got {teacher_nonzeros!r}."
             )
-        if steps_per_epoch is not None and not (_is_int(steps_per_epoch) and steps_per_epoch >= 1):
+        if steps_per_epoch is not None and not (is_int(steps_per_epoch) and steps_per_epoch >= 1):
             raise ValueError(f"SparseTeacherDataModule: `steps_per_epoch` must be ≥ 1, got {steps_per_epoch!r}.")
         # logger=False: Lightning refuses to log two hparams sets sharing a key (both have `seed`).
         self.save_hyperparameters(logger=False)
