@@ -1,4 +1,5 @@
-"""Laziness: logs the function-space laziness of any LightningModule's ``forward`` during training.
+"""Laziness: logs the function-space laziness of any LightningModule during training (its ``forward``, or however
+``forward=`` says the model is called on a batch).
 
 The math (linearisation gap, empirical NTK, kernel distance) lives in :mod:`lightning_lnsgd.metrics.functional.laziness`
 and is re-exported here.
@@ -6,17 +7,23 @@ and is re-exported here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal, Optional
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from ..compat import Callback, LightningModule, Trainer
 from ..metrics.functional.laziness import (
+    Forward,
+    concat_examples,
     empirical_ntk,
+    first_examples,
     kernel_distance,
     linearization_gap,
+    map_tensors,
+    num_examples,
     parameters_and_buffers,
 )
 from ._common import log_scalars, validation_loaders
@@ -26,12 +33,19 @@ __all__ = ["Laziness", "empirical_ntk", "kernel_distance", "linearization_gap"]
 Params = dict[str, torch.Tensor]
 
 
-class Laziness(Callback):
-    """Logs ``laziness/linearization_gap`` and ``laziness/kernel_distance`` of the LightningModule's ``forward``.
+def _call_method(name: str, module: nn.Module, batch: Any) -> torch.Tensor:
+    """``module.<name>(batch)``: ``Laziness(forward="<name>")`` (a module-level function, so the callback pickles)."""
+    return getattr(module, name)(batch)
 
-    The probe batch is fixed at the start of training: ``probe`` if given, else the first ``probe_size`` examples of
-    the validation set (``batch[input_index]`` of the first validation loader, ``trainer.val_dataloaders`` or the
-    datamodule's / module's ``val_dataloader()``, each batch moved by ``trainer.strategy.batch_to_device``). θ₀ and
+
+class Laziness(Callback):
+    """Logs ``laziness/linearization_gap`` and ``laziness/kernel_distance`` of the LightningModule's output.
+
+    The network measured is f(x) = ``module(x)`` (default) or f(batch) = ``forward(module, batch)``. The probe is
+    fixed at the start of training: ``probe`` if given, else the first ``probe_size`` examples of the validation set
+    (of the first validation loader, ``trainer.val_dataloaders`` or the datamodule's / module's ``val_dataloader()``,
+    each batch moved by ``trainer.strategy.batch_to_device``): ``batch[input_index]`` by default, the whole batch
+    when ``forward`` is given. θ₀ and
     the probe are taken at the start of training and saved in checkpoints. Every ``every_n_steps`` SGD
     steps (and at step 0) the callback evaluates, on global rank 0 only, in eval mode, at TensorBoard step =
     ``trainer.global_step``:
@@ -41,7 +55,9 @@ class Laziness(Callback):
       passes and k·c·P floats of memory; ``kernel_probe_size=0`` turns it off).
 
     Args:
-        probe: fixed probe inputs (a tensor); ``None``: from the validation set.
+        probe: fixed probe: inputs (a tensor) for ``module(x)``, a batch for ``forward``; ``None``: from the
+            validation set. A batch is any nesting of tuples, lists and dicts whose tensors of rank ≥ 1 hold the
+            examples along dim 0.
         probe_size: examples in the probe (when taken from the validation set).
         kernel_probe_size: examples used for the kernel (≤ probe size; 0: no kernel distance).
         every_n_steps: period in SGD steps (``None``: ``trainer.log_every_n_steps``).
@@ -50,7 +66,14 @@ class Laziness(Callback):
             (then f(x; θ₀) is the initial network exactly, but changes in the running statistics, which start at
             mean 0 / variance 1, count as non-laziness too).
         input_index: where the inputs are in a validation batch (index of a tuple/list or key of a dict).
-        chunk_size: ``vmap`` chunk for the Jacobian (None: all kernel-probe examples at once).
+        chunk_size: ``vmap`` chunk for the Jacobian (None: all kernel-probe examples at once; 1: one example at a
+            time without ``vmap``, for models ``vmap`` cannot batch such as ``nn.LSTM`` with a state built per call).
+        forward: how the model is called on a probe batch, returning the output tensor whose linearisation and NTK
+            are measured: a callable ``(module, batch) -> tensor`` (``lambda m, b: m(b[0], b[1])`` for
+            ``forward(inputs, target)``) or the name of a method of the module, called as ``module.<name>(batch)``.
+            ``None``: ``module(x)`` with ``x = batch[input_index]``. It runs inside ``torch.func`` (the parameters
+            are swapped in through ``functional_call``), in eval mode, once on the whole probe and once per
+            kernel-probe example (a batch of one example); it must not change the module's state.
     """
 
     def __init__(
@@ -62,6 +85,7 @@ class Laziness(Callback):
         buffers: Literal["current", "initial"] = "current",
         input_index: int | str = 0,
         chunk_size: Optional[int] = None,
+        forward: Union[Callable[[nn.Module, Any], torch.Tensor], str, None] = None,
     ) -> None:
         if probe_size < 1:
             raise ValueError(f"Laziness: probe_size={probe_size!r} must be an integer >= 1.")
@@ -73,6 +97,11 @@ class Laziness(Callback):
             raise ValueError(f"Laziness: buffers={buffers!r} must be 'current' or 'initial'.")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"Laziness: chunk_size={chunk_size!r} must be an integer >= 1 or None.")
+        if not (forward is None or callable(forward) or (isinstance(forward, str) and forward)):
+            raise ValueError(
+                f"Laziness: forward={forward!r} must be a callable (module, batch) -> tensor, the name of a method of "
+                "the module, or None (module(x))."
+            )
         self.probe = probe
         self.probe_size = probe_size
         self.kernel_probe_size = kernel_probe_size
@@ -80,6 +109,10 @@ class Laziness(Callback):
         self.buffers = buffers
         self.input_index = input_index
         self.chunk_size = chunk_size
+        self.forward = forward
+        self._call: Optional[Forward] = (
+            functools.partial(_call_method, forward) if isinstance(forward, str) else forward
+        )
         self._params0: Params = {}
         self._buffers0: Params = {}
         self._K0: Optional[torch.Tensor] = None
@@ -91,7 +124,7 @@ class Laziness(Callback):
         return {
             "params0": {k: v.cpu() for k, v in self._params0.items()},
             "buffers0": {k: v.cpu() for k, v in self._buffers0.items()},
-            "probe": None if self.probe is None else self.probe.cpu(),
+            "probe": None if self.probe is None else map_tensors(torch.Tensor.cpu, self.probe),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -102,26 +135,35 @@ class Laziness(Callback):
         self._K0 = None
 
     # -- setup ---------------------------------------------------------------------------------------------------
-    def _probe_from_validation(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if isinstance(self.forward, str) and not callable(getattr(pl_module, self.forward, None)):
+            raise ValueError(
+                f"Laziness: forward={self.forward!r} is not a method of {type(pl_module).__name__}; give the name of "
+                "one of its methods or a callable (module, batch) -> tensor."
+            )
+
+    def _probe_from_validation(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         loader = validation_loaders(trainer, pl_module)[0]
         parts, n = [], 0
         for batch in loader:
             batch = trainer.strategy.batch_to_device(batch)
-            x = batch[self.input_index] if isinstance(batch, (tuple, list, Mapping)) else batch
-            parts.append(x[: self.probe_size - n])
-            n += parts[-1].shape[0]
+            if self._call is None and isinstance(batch, (tuple, list, Mapping)):
+                batch = batch[self.input_index]
+            parts.append(first_examples(batch, self.probe_size - n))
+            n += num_examples(parts[-1])
             if n >= self.probe_size:
                 break
         if not parts:
             raise ValueError("Laziness: the validation set is empty; pass `probe` explicitly.")
-        return torch.cat(parts)
+        return concat_examples(parts)
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # At the start of training: the checkpoint is restored and, when validation runs in the first epoch,
         # Lightning has loaded the validation loaders (trainer.val_dataloaders).
         if self.probe is None:
             self.probe = self._probe_from_validation(trainer, pl_module)
-        self.probe = self.probe.to(pl_module.device)
+        device = pl_module.device
+        self.probe = map_tensors(lambda t: t.to(device), self.probe)
         params, buffers = parameters_and_buffers(pl_module)
         if not self._params0:  # not restored from a checkpoint
             self._params0 = {k: v.clone() for k, v in params.items()}
@@ -153,15 +195,16 @@ class Laziness(Callback):
             raise RuntimeError("Laziness: no probe / θ₀ yet (compute is available from the start of training).")
         buffers = dict(pl_module.named_buffers())
         buffers0 = buffers if self.buffers == "current" else self._buffers0
-        out = {"linearization_gap": linearization_gap(pl_module, self._params0, self.probe, buffers=buffers, buffers0=buffers0)}
-        k = min(self.kernel_probe_size, self.probe.shape[0])
+        gap = linearization_gap(pl_module, self._params0, self.probe, buffers=buffers, buffers0=buffers0, forward=self._call)
+        out = {"linearization_gap": gap}
+        k = min(self.kernel_probe_size, num_examples(self.probe))
         if k > 0:
-            xk = self.probe[:k]
+            xk = first_examples(self.probe, k)
             # K₀ depends on the buffers too: cache it only when they are fixed
             has_float_buffers = any(b.is_floating_point() for b in buffers.values())
             if self._K0 is None or (self.buffers == "current" and has_float_buffers):
-                self._K0 = empirical_ntk(pl_module, xk, self._params0, buffers0, self.chunk_size)
-            K = empirical_ntk(pl_module, xk, None, buffers, self.chunk_size)
+                self._K0 = empirical_ntk(pl_module, xk, self._params0, buffers0, self.chunk_size, forward=self._call)
+            K = empirical_ntk(pl_module, xk, None, buffers, self.chunk_size, forward=self._call)
             out["kernel_distance"] = kernel_distance(self._K0, K)
         return out
 

@@ -1,5 +1,8 @@
-"""Function-space laziness: linearisation gap and NTK kernel distance (formulas, exact lazy limit, callback)."""
+"""Function-space laziness: linearisation gap and NTK kernel distance (formulas, exact lazy limit, callback, models
+called other than ``module(x)``)."""
 
+import copy
+import importlib
 from types import ModuleType
 
 import pytest
@@ -9,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lnsgd import compat
 from lightning_lnsgd.callbacks.laziness import (
     Laziness,
     empirical_ntk,
@@ -16,6 +20,7 @@ from lightning_lnsgd.callbacks.laziness import (
     linearization_gap,
 )
 from lightning_lnsgd.examples.resnet import ResNet18
+from lightning_lnsgd.metrics.functional.laziness import concat_examples, first_examples, num_examples
 from tests.conftest import make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -200,3 +205,187 @@ def test_initial_buffers_mode_and_argument_checks():
         Laziness(buffers="both")
     with pytest.raises(ValueError, match=r"probe_size=0 must be an integer >= 1"):
         Laziness(probe_size=0)
+
+
+# -- forward=: models called other than module(x) ---------------------------------------------------------------------
+def _demos(package: ModuleType = compat.pl) -> tuple[ModuleType, ModuleType]:
+    """The ``demos.transformer`` and ``demos.lstm`` modules of a Lightning package."""
+    return tuple(importlib.import_module(f"{package.__name__}.demos.{name}") for name in ("transformer", "lstm"))
+
+
+def _tiny_transformer(package: ModuleType = compat.pl) -> nn.Module:
+    return _demos(package)[0].Transformer(vocab_size=5, ninp=8, nhead=2, nhid=16, nlayers=1, dropout=0.0)
+
+
+def _tiny_lstm(package: ModuleType = compat.pl) -> nn.Module:
+    return _demos(package)[1].SimpleLSTM(vocab_size=5, ninp=8, nhid=8, nlayers=1, dropout=0.0)
+
+
+def _tokens(seed: int, n: int = 8, t: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, (n, t), generator=g), torch.randint(5, (n, t), generator=g)
+
+
+def _two_inputs(m, b):
+    return m(b[0], b[1])
+
+
+def _lstm_log_probs(m, b):
+    return m.model(b[0], m.model.init_hidden(b[0].shape[0]))[0]
+
+
+def _autograd_jacobian(model: nn.Module, call, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, J): the flattened output of ``call(model, batch)`` in eval mode and its Jacobian w.r.t. the trainable
+    parameters, one ``torch.autograd.grad`` per output (no torch.func), float64."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = call(model, batch).reshape(-1)
+    rows = []
+    for o in out:
+        grads = torch.autograd.grad(o, params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))
+    return out.detach().double(), torch.stack(rows).double()
+
+
+def _expected_laziness(model0: nn.Module, model: nn.Module, call, probe, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linearisation gap and kernel distance from two explicit Jacobians (θ₀: ``model0``, θ_t: ``model``), with the
+    first ``k`` examples of the batch-first probe as kernel probe (output rows are example-major)."""
+    f0, J0 = _autograd_jacobian(model0, call, probe)
+    ft, Jt = _autograd_jacobian(model, call, probe)
+    delta = torch.cat([(p - p0).detach().reshape(-1) for p, p0 in zip(model.parameters(), model0.parameters())])
+    gap = (ft - f0 - J0 @ delta.double()).norm() / (ft - f0).norm()
+    rows = k * f0.numel() // probe[0].shape[0]
+    K0, Kt = J0[:rows] @ J0[:rows].T, Jt[:rows] @ Jt[:rows].T
+    return gap, 1 - (K0 * Kt).sum() / (K0.norm() * Kt.norm())
+
+
+def test_two_input_transformer_forward_matches_autograd_jacobian():
+    torch.manual_seed(0)
+    model = _tiny_transformer()
+    batch = _tokens(0, n=3)
+    model0 = copy.deepcopy(model)
+    f0, J0 = _autograd_jacobian(model0, _two_inputs, batch)
+    K = empirical_ntk(model, batch, forward=_two_inputs)
+    assert K.shape == (3 * 4 * 5, 3 * 4 * 5)  # 3 examples × 4 tokens × 5 log-probabilities
+    torch.testing.assert_close(K, J0 @ J0.T, rtol=1e-4, atol=1e-5)
+    # one example at a time (no vmap over examples) gives the same kernel
+    torch.testing.assert_close(empirical_ntk(model, batch, chunk_size=1, forward=_two_inputs), K, rtol=1e-4, atol=1e-5)
+    p0 = _snapshot(model)
+    assert float(linearization_gap(model, p0, batch, forward=_two_inputs)) == 0.0
+    _perturb(model, 0.1)
+    gap = linearization_gap(model, p0, batch, forward=_two_inputs)
+    expect, _ = _expected_laziness(model0, model, _two_inputs, batch, 1)
+    assert float(gap) > 0.01
+    torch.testing.assert_close(gap, expect, rtol=1e-3, atol=1e-6)
+    assert torch.backends.mha.get_fastpath_enabled()  # the math kernels were selected only while measuring
+
+
+def test_recurrent_model_needs_one_example_at_a_time_and_a_tensor_output():
+    torch.manual_seed(0)
+    lstm = _tiny_lstm()
+    batch = _tokens(1, n=2)
+
+    def with_state(m, b):  # SimpleLSTM returns (log_probs, hidden)
+        return m(b[0], m.init_hidden(b[0].shape[0]))
+
+    with pytest.raises(TypeError, match=r"forward\(model, batch\) returned a tuple, not a tensor"):
+        linearization_gap(lstm, _snapshot(lstm), batch, forward=with_state)
+    log_probs = lambda m, b: with_state(m, b)[0]  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"chunk_size=1 computes the Jacobian one example at a time"):
+        empirical_ntk(lstm, batch, forward=log_probs)
+    _, J = _autograd_jacobian(lstm, log_probs, batch)
+    torch.testing.assert_close(empirical_ntk(lstm, batch, chunk_size=1, forward=log_probs), J @ J.T, rtol=1e-4, atol=1e-5)
+    assert torch.backends.mkldnn.enabled  # oneDNN back on after the measurement
+
+
+def test_probe_batches_are_split_by_examples():
+    batch = {"tokens": torch.arange(12).reshape(4, 3), "scale": torch.tensor(2.0), "name": "probe"}
+    assert num_examples(batch) == 4
+    head = first_examples(batch, 3)
+    assert torch.equal(head["tokens"], batch["tokens"][:3]) and head["scale"] is batch["scale"] and head["name"] == "probe"
+    both = concat_examples([first_examples(batch, 1), head])
+    assert torch.equal(both["tokens"], torch.cat([batch["tokens"][:1], batch["tokens"][:3]]))
+    with pytest.raises(ValueError, match=r"tensors with \[3, 4\] rows"):
+        num_examples((torch.zeros(3, 2), torch.zeros(4)))
+
+
+def test_callback_on_demo_lstm_without_forward_of_its_own(lightning, tmp_path):
+    torch.manual_seed(0)
+    _, lstm_demo = _demos(lightning)
+
+    class OfflineLSTM(lstm_demo.LightningLSTM):
+        def prepare_data(self):  # the demo's downloads WikiText2; the test brings its own tokens
+            pass
+
+    model = OfflineLSTM(vocab_size=5)
+    model.model = _tiny_lstm(lightning)  # the demo's language model, small
+    model0 = copy.deepcopy(model)
+    inputs, targets = _tokens(2)
+    probe = (inputs[:4], targets[:4])
+    cb = Laziness(probe=probe, kernel_probe_size=2, every_n_steps=3, forward=_lstm_log_probs, chunk_size=1)
+    trainer = make_trainer(lightning, max_steps=3, callbacks=[cb], gradient_clip_val=0.05, default_root_dir=str(tmp_path))
+    trainer.fit(model, DataLoader(TensorDataset(inputs, targets), batch_size=4, drop_last=True))
+    gap, kd = _expected_laziness(model0, model, _lstm_log_probs, probe, 2)
+    assert cb.last["laziness/linearization_gap"] > 0.05 and cb.last["laziness/kernel_distance"] > 0.01
+    assert cb.last["laziness/linearization_gap"] == pytest.approx(float(gap), rel=1e-4)
+    assert cb.last["laziness/kernel_distance"] == pytest.approx(float(kd), rel=1e-4)
+
+
+def _language_model(lightning: ModuleType) -> type:
+    class TwoInputLM(lightning.LightningModule):
+        """The demo Transformer (``forward(inputs, target)``) trained on next-token log-probabilities."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = _tiny_transformer(lightning)
+
+        def log_probs(self, batch):
+            return self.model(batch[0], batch[1])
+
+        def training_step(self, batch, batch_idx):
+            return F.nll_loss(self.log_probs(batch), batch[1].reshape(-1))
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    return TwoInputLM
+
+
+def test_callback_calls_a_named_method_on_whole_validation_batches(lightning, tmp_path):
+    torch.manual_seed(0)
+    model = _language_model(lightning)()
+    model0 = copy.deepcopy(model)
+    train, val = TensorDataset(*_tokens(3)), TensorDataset(*_tokens(4))
+    cb = Laziness(forward="log_probs", probe_size=6, kernel_probe_size=2, every_n_steps=2)
+    trainer = make_trainer(lightning, max_steps=2, limit_val_batches=2, callbacks=[cb], default_root_dir=str(tmp_path))
+    trainer.fit(model, DataLoader(train, batch_size=4), DataLoader(val, batch_size=4))
+    # the probe: the first 6 examples of the validation set, whole (inputs, target) batches, across two loader batches
+    assert all(torch.equal(p, t[:6]) for p, t in zip(cb.probe, val.tensors))
+    gap, kd = _expected_laziness(model0.model, model.model, _two_inputs, cb.probe, 2)
+    assert cb.last["laziness/linearization_gap"] > 0.05 and cb.last["laziness/kernel_distance"] > 0.01
+    assert cb.last["laziness/linearization_gap"] == pytest.approx(float(gap), rel=1e-4)
+    assert cb.last["laziness/kernel_distance"] == pytest.approx(float(kd), rel=1e-4)
+    with pytest.raises(ValueError, match=r"forward='logits' is not a method of TwoInputLM"):
+        make_trainer(lightning, max_steps=1, callbacks=[Laziness(forward="logits")]).fit(model, DataLoader(train), DataLoader(val))
+
+
+def test_default_forward_is_module_of_batch_inputs(lightning, tmp_path):
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    rec_default = _fit_with(lightning, copy.deepcopy(net), tmp_path, 1.0, Laziness(probe_size=16, kernel_probe_size=3, every_n_steps=3))
+    explicit = Laziness(probe_size=16, kernel_probe_size=3, every_n_steps=3, forward=lambda m, b: m(b[0]))
+    rec_explicit = _fit_with(lightning, copy.deepcopy(net), tmp_path, 1.0, explicit)
+    assert sorted(rec_default) == sorted(rec_explicit) == [0, 3, 6]
+    assert rec_default[6]["laziness/linearization_gap"] > 1e-3
+    for step, m in rec_default.items():
+        for tag, value in m.items():
+            if tag.startswith("laziness/"):
+                assert rec_explicit[step][tag] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, tag)
+
+
+@pytest.mark.parametrize("forward", [3, ""])
+def test_forward_argument_check(forward):
+    with pytest.raises(ValueError, match=rf"forward={forward!r} must be a callable \(module, batch\) -> tensor, the name of a method"):
+        Laziness(forward=forward)

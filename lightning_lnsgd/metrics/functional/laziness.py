@@ -19,20 +19,120 @@ On a probe batch ``x`` (k examples, c outputs each), with θ₀ the parameters a
 Both are exactly zero for a model that is linear in its parameters (the lazy / NTK limit) and grow as the network
 learns features. The network is evaluated in eval mode (batch norm uses running statistics, dropout is off) and left
 in the mode it was in; the buffers (running statistics) go through ``functional_call`` as well.
+
+**How the network is called.** By default f(x) = ``model(x)`` with ``x`` a tensor. ``forward=fn`` measures
+f(batch) = ``fn(model, batch)`` instead, for models with several inputs (``model(inputs, target)``), with no
+``forward`` of their own, or returning more than the output (``model(x, hidden)[0]``): ``fn`` runs inside
+``functional_call`` on a wrapper module whose only child is ``model``, so every parameter and buffer ``fn`` reaches
+through ``model`` is the one being differentiated. ``batch`` is then any nesting of tuples, lists and dicts whose
+tensors of rank ≥ 1 hold the examples along dim 0 (batch first); 0-dim tensors and other values are passed unchanged.
+``fn`` must return a tensor.
+
+**Kernels.** Fused inference kernels have no forward-mode (``jvp``) or batched (``vmap``) derivatives: the
+multi-head-attention fast path, the flash / memory-efficient scaled-dot-product attention, and the oneDNN / cuDNN
+recurrent layers. Both functions run under :func:`autodiff_kernels`, which selects PyTorch's math implementations
+of these (the oneDNN / cuDNN switch only for models containing an ``nn.RNNBase``, since it also covers convolutions).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["empirical_ntk", "eval_mode", "kernel_distance", "linearization_gap", "parameters_and_buffers"]
+__all__ = [
+    "autodiff_kernels",
+    "concat_examples",
+    "empirical_ntk",
+    "eval_mode",
+    "first_examples",
+    "kernel_distance",
+    "linearization_gap",
+    "map_tensors",
+    "num_examples",
+    "parameters_and_buffers",
+]
 
 Params = dict[str, torch.Tensor]
+
+#: How the network is called on a probe batch: ``forward(model, batch)`` returns the output tensor being measured.
+Forward = Callable[[nn.Module, Any], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Probe batches: tensors with the examples along dim 0, nested in tuples, lists and dicts
+# ------------------------------------------------------------------------------------------------------------------
+def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
+    """``batch`` with every tensor ``t`` replaced by ``fn(t)``, through tuples (named ones too), lists and dicts.
+
+    >>> map_tensors(lambda t: t * 2, {"x": torch.ones(2), "n": 3})
+    {'x': tensor([2., 2.]), 'n': 3}
+    """
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: map_tensors(fn, v) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple: rebuilt from fields
+        return type(batch)(*(map_tensors(fn, v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(fn, v) for v in batch)
+    return batch
+
+
+def _example_tensors(batch: Any) -> list[torch.Tensor]:
+    """The tensors of rank ≥ 1 of ``batch`` (examples along dim 0), in :func:`map_tensors` order."""
+    found: list[torch.Tensor] = []
+    map_tensors(lambda t: found.append(t) if t.ndim else None, batch)
+    return found
+
+
+def _replace_example_tensors(batch: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """``batch`` with its tensors of rank ≥ 1 replaced, in order, by ``tensors``."""
+    it = iter(tensors)
+    return map_tensors(lambda t: next(it) if t.ndim else t, batch)
+
+
+def num_examples(batch: Any) -> int:
+    """The number of examples in ``batch``: the common size of dim 0 of its tensors of rank ≥ 1.
+
+    >>> num_examples((torch.zeros(3, 5), torch.zeros(3), torch.tensor(1.0)))
+    3
+    """
+    sizes = {t.shape[0] for t in _example_tensors(batch)}
+    if len(sizes) != 1:
+        found = "no tensor of rank >= 1" if not sizes else f"tensors with {sorted(sizes)} rows"
+        raise ValueError(f"probe batch: found {found}; its tensors must hold the same examples along dim 0.")
+    return sizes.pop()
+
+
+def first_examples(batch: Any, n: int) -> Any:
+    """The first ``n`` examples of ``batch`` (each tensor of rank ≥ 1 sliced ``[:n]``).
+
+    >>> first_examples([torch.arange(4), torch.tensor(7)], 2)
+    [tensor([0, 1]), tensor(7)]
+    """
+    return map_tensors(lambda t: t[:n] if t.ndim else t, batch)
+
+
+def concat_examples(batches: Sequence[Any]) -> Any:
+    """The examples of ``batches`` (same layout) one after the other; values other than tensors of rank ≥ 1 are taken
+    from the first batch.
+
+    >>> concat_examples([(torch.zeros(2), "a"), (torch.ones(1), "b")])
+    (tensor([0., 0., 1.]), 'a')
+    """
+    columns = zip(*(_example_tensors(b) for b in batches))
+    return _replace_example_tensors(batches[0], [torch.cat(column) for column in columns])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Calling the network
+# ------------------------------------------------------------------------------------------------------------------
 
 
 def parameters_and_buffers(model: nn.Module) -> tuple[Params, Params]:
@@ -67,8 +167,62 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def _forward(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
-    return functional_call(model, (params, buffers), (x,), strict=False)
+@contextlib.contextmanager
+def autodiff_kernels(model: nn.Module) -> Iterator[None]:
+    """Runs the block with the math implementations of attention (and, when ``model`` contains an ``nn.RNNBase``, of
+    recurrent layers: oneDNN and cuDNN off), which ``torch.func.jvp`` and ``vmap`` can differentiate; the previous
+    settings are restored afterwards.
+
+    >>> with autodiff_kernels(nn.LSTM(2, 2)):
+    ...     torch.backends.mha.get_fastpath_enabled(), torch.backends.mkldnn.enabled
+    (False, False)
+    >>> torch.backends.mha.get_fastpath_enabled()
+    True
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    mkldnn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    torch.backends.mha.set_fastpath_enabled(False)
+    if recurrent:
+        torch.backends.mkldnn.enabled = False
+        torch.backends.cudnn.enabled = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = mkldnn, cudnn
+
+
+class _Called(nn.Module):
+    """``forward(module, batch)`` as a module whose only child is ``module``, so that ``functional_call`` can swap the
+    parameters and buffers that the user's function reaches through ``module``."""
+
+    def __init__(self, module: nn.Module, forward: Forward) -> None:
+        super().__init__()
+        self.module = module
+        self.call = forward
+
+    def forward(self, batch: Any) -> Any:
+        return self.call(self.module, batch)
+
+
+def _network(model: nn.Module, forward: Optional[Forward]) -> Callable[[Params, Params, Any], torch.Tensor]:
+    """``f(params, buffers, batch)``: the network's output on ``batch`` with the given parameters and buffers (named as
+    in ``model``); ``model(batch)`` or ``forward(model, batch)``."""
+    target, prefix = (model, "") if forward is None else (_Called(model, forward), "module.")
+
+    def f(params: Params, buffers: Params, batch: Any) -> torch.Tensor:
+        state = ({prefix + n: v for n, v in params.items()}, {prefix + n: v for n, v in buffers.items()})
+        out = functional_call(target, state, (batch,), strict=False)
+        if not isinstance(out, torch.Tensor):
+            how = "model(x)" if forward is None else "forward(model, batch)"
+            raise TypeError(
+                f"{how} returned a {type(out).__name__}, not a tensor: pass forward=(module, batch) -> the output tensor."
+            )
+        return out
+
+    return f
 
 
 def linearization_gap(
@@ -78,16 +232,18 @@ def linearization_gap(
     params: Mapping[str, torch.Tensor] | None = None,
     buffers: Mapping[str, torch.Tensor] | None = None,
     buffers0: Mapping[str, torch.Tensor] | None = None,
+    forward: Optional[Forward] = None,
 ) -> torch.Tensor:
     """‖f(x; θ) − f(x; θ₀) − J_θ₀(θ − θ₀)‖ / ‖f(x; θ) − f(x; θ₀)‖ (0 when f(x; θ) = f(x; θ₀)), a 0-dim float64 tensor.
 
     Args:
         model: the network; evaluated in eval mode through ``functional_call``.
         params0: θ₀ by parameter name (every trainable parameter of ``model``).
-        x: the probe inputs.
+        x: the probe: a tensor, called as ``model(x)``; with ``forward``, any probe batch (see the module's notes).
         params: θ; default: the model's current parameters.
         buffers: buffers used at θ; default: the model's current buffers.
         buffers0: buffers used at θ₀; default: ``buffers``.
+        forward: how the network is called: ``forward(model, x)`` returns the output tensor; default ``model(x)``.
 
     f(x; w) = w² at x = 1 moved from w₀ = 1 to w = 2: f moved by 3, the linearisation 2w₀·(w − w₀) explains 2, so the
     gap is 1/3:
@@ -108,11 +264,13 @@ def linearization_gap(
     p0 = tuple(params0[n].detach() for n in names)
     delta = tuple(params[n].detach() - params0[n].detach() for n in names)
 
-    def f(*ps: torch.Tensor) -> torch.Tensor:
-        return _forward(model, dict(zip(names, ps)), buffers0, x)
+    net = _network(model, forward)
 
-    with eval_mode(model), torch.no_grad():
-        f_t = _forward(model, params, buffers, x)
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return net(dict(zip(names, ps)), buffers0, x)
+
+    with eval_mode(model), autodiff_kernels(model), torch.no_grad():
+        f_t = net(params, buffers, x)
         f_0, jv = jvp(f, p0, delta)
     moved = (f_t - f_0).double()
     residual = moved - jv.double()
@@ -126,12 +284,16 @@ def empirical_ntk(
     params: Mapping[str, torch.Tensor] | None = None,
     buffers: Mapping[str, torch.Tensor] | None = None,
     chunk_size: int | None = None,
+    forward: Optional[Forward] = None,
 ) -> torch.Tensor:
     """The empirical NTK K = J Jᵀ on ``x``, shape ``(k·c, k·c)`` (rows: example-major, then output), float64.
 
     J is computed per example (``vmap`` over examples of ``jacrev`` over parameters; the network runs in eval mode on
     one example at a time, so batch norm must use running statistics). ``chunk_size`` limits how many examples
-    ``vmap`` processes at once (memory). Cost: k·c single-example backward passes, k·c·P floats for J.
+    ``vmap`` processes at once (memory); ``chunk_size=1`` takes one example at a time in a loop, without ``vmap`` over
+    examples, for networks that ``vmap`` cannot batch (an ``nn.LSTM`` whose initial state is built inside the call).
+    Cost: k·c single-example backward passes, k·c·P floats for J. ``x`` and ``forward`` as in
+    :func:`linearization_gap`; each example is passed as a probe batch of one example.
 
     For a linear map without bias, f(x) = W x with one output, J = xᵀ, so K = X Xᵀ:
 
@@ -144,17 +306,31 @@ def empirical_ntk(
     params = dict(cur_params if params is None else params)
     buffers = dict(cur_buffers if buffers is None else buffers)
     names = list(params)
+    net = _network(model, forward)
+    k, examples = num_examples(x), _example_tensors(x)
+    ps = {n: params[n].detach() for n in names}
 
-    def f_single(ps: Params, xi: torch.Tensor) -> torch.Tensor:
-        return _forward(model, ps, buffers, xi.unsqueeze(0)).reshape(-1)
+    def f_single(ps: Params, *example: torch.Tensor) -> torch.Tensor:
+        return net(ps, buffers, _replace_example_tensors(x, [t.unsqueeze(0) for t in example])).reshape(-1)
 
-    with eval_mode(model), torch.no_grad():
-        jac = vmap(jacrev(f_single), in_dims=(None, 0), chunk_size=chunk_size)(
-            {n: params[n].detach() for n in names}, x
-        )  # {name: (k, c, *shape)}
-        k = x.shape[0]
-        rows = torch.cat([jac[n].reshape(k * jac[n].shape[1], -1) for n in names], dim=1)  # (k·c, P)
-        del jac
+    def rows_of(jac: Params, m: int) -> torch.Tensor:  # {name: (m, c, *shape)} -> (m·c, P)
+        return torch.cat([jac[n].reshape(m * jac[n].shape[1], -1) for n in names], dim=1)
+
+    with eval_mode(model), autodiff_kernels(model), torch.no_grad():
+        if chunk_size == 1:
+            per_example = jacrev(f_single)
+            rows = torch.cat([rows_of({n: j.unsqueeze(0) for n, j in per_example(ps, *(t[i] for t in examples)).items()}, 1)
+                              for i in range(k)])
+        else:
+            batched = vmap(jacrev(f_single), in_dims=(None, *(0 for _ in examples)), chunk_size=chunk_size)
+            try:
+                rows = rows_of(batched(ps, *examples), k)
+            except (RuntimeError, NotImplementedError) as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise RuntimeError(
+                    f"empirical_ntk: vmap over the probe examples failed ({first}); chunk_size=1 computes the "
+                    "Jacobian one example at a time without vmap."
+                ) from err
         K = rows @ rows.T
     return K.double()
 
