@@ -119,8 +119,21 @@ def locate(batch: Any, target: int | str | None) -> tuple[tuple, torch.Tensor]:
     ``target``: an index (sequences), a key (mappings) or a field name (dataclasses), or a dotted path of them
     (``"1.y"``); ``None``: the last element of a sequence, the first of :data:`DEFAULT_KEYS` of a mapping or
     dataclass, descending until a tensor is reached. Raises ``ValueError`` (with the batch layout) when the label
-    is not there or is not a tensor.
+    is not there or is not a tensor, and when the batch has no identifiable label: a bare tensor (whatever
+    ``target``), or, with ``target=None``, a one-element tuple or list (its element is usually the input).
     """
+    if isinstance(batch, torch.Tensor):
+        raise ValueError(
+            f"LabelNoise: the training batch is a single {describe(batch)} with no separate label, and LabelNoise"
+            " noises labels only, never inputs; return (inputs, label) or {'x': ..., 'y': ...} from the dataset (or"
+            " from `on_after_batch_transfer`) and set `target` to the label's index or key if it is not the default."
+        )
+    if target is None and isinstance(batch, (tuple, list)) and len(batch) == 1:
+        raise ValueError(
+            f"LabelNoise: `target` is None and the training batch is the one-element {describe(batch)}, which has no"
+            " identifiable label (by default the label is the last element of a sequence of two or more, and a lone"
+            " element is usually the input, as with TensorDataset(x)); if that element is the label, set target=0."
+        )
     if target is None:
         steps: list[Any] = []
     elif isinstance(target, str) and isinstance(batch, Mapping) and target in batch:

@@ -5,8 +5,12 @@ LightningModule and DataModule, with either Lightning package (``pytorch_lightni
 
 * ``kind="rademacher"``: ỹ = y + ε with ε uniform on {−σ, +σ} (float labels, any shape);
 * ``kind="gaussian"``: ỹ = y + ε with ε ~ N(0, σ²) (float labels, any shape);
-* ``kind="flip"``: with probability τ each integer class label is replaced by a class drawn uniformly from the
-  *other* ``num_classes − 1`` classes.
+* ``kind="flip"``: class labels (integer indices, or one-hot float rows) are redrawn by a noise model,
+  ``transition``: ``"symmetric"`` (with probability τ a uniformly drawn *other* class), ``"pair"`` (with
+  probability τ, c → (c + 1) mod C) or a C × C row-stochastic matrix T (c → j with probability T[c, j]).
+
+Entries equal to ``ignore_index`` (default −100, PyTorch's padding label) are never changed, never counted and
+never range-checked, for every kind.
 
 Mechanism (public callback hooks only). Lightning passes the same batch object to ``on_train_batch_start`` and to
 ``training_step``. In ``on_train_batch_start`` the callback puts the noisy label into that object
@@ -34,13 +38,23 @@ from ..checks import is_int, is_real
 from ..compat import Callback, LightningModule, Trainer
 from ..protocol import StepLayout, step_layout
 from . import noise_draw
-from .batch import Swap, locate, path_str, replace, swap_in
+from .batch import Swap, describe, locate, path_str, replace, swap_in
 from .noise_schedule import NoiseSchedule
 
-__all__ = ["LabelNoise"]
+__all__ = ["NUM_CLASSES_NAMES", "LabelNoise"]
 
 _KINDS = ("rademacher", "gaussian", "flip")
 
+#: The attribute / hyperparameter names read, in order, when ``num_classes`` is None.
+NUM_CLASSES_NAMES = ("num_classes", "num_labels", "vocab_size")
+
+#: How far a row of a ``transition`` matrix may sum from 1.
+ROW_SUM_TOLERANCE = 1e-6
+
+#: The default flip probability τ of ``"symmetric"`` and ``"pair"``.
+DEFAULT_FLIP_PROB = 0.1
+
+Transition = Literal["symmetric", "pair"] | list[list[float]] | torch.Tensor
 
 
 class LabelNoise(Callback):
@@ -48,16 +62,20 @@ class LabelNoise(Callback):
 
     Args:
         kind: ``"rademacher"`` (ε = ±σ, float labels), ``"gaussian"`` (ε ~ N(0, σ²), float labels) or ``"flip"``
-            (integer class labels, replaced with probability τ by a uniformly drawn *different* class).
+            (class labels redrawn by the noise model ``transition``).
         sigma: noise level σ ≥ 0 for rademacher/gaussian, in label units (paper: 4); or a list of them, one per
             stacked replica of a :class:`~lightning_lnsgd.protocol.MultiStepModule` with that many replicas.
-        flip_prob: flip probability τ ∈ [0, 1] for ``kind="flip"``.
-        num_classes: number of classes for ``kind="flip"`` (≥ 2). ``None``: taken at setup from the
-            LightningModule's or DataModule's ``num_classes`` attribute / hyperparameter.
+        flip_prob: flip probability τ ∈ [0, 1] of ``transition="symmetric"`` or ``"pair"``; ``None``: 0.1. Must
+            be ``None`` with a transition matrix (the matrix holds the probabilities).
+        num_classes: number of classes C for ``kind="flip"`` (≥ 2). ``None``: the size of a ``transition``
+            matrix, else found at setup under the names ``num_classes``, ``num_labels``, ``vocab_size`` on the
+            LightningModule, its ``hparams``, its ``model`` attribute and that model's ``config``, the module's
+            ``config``, the DataModule and the DataModule's ``hparams`` (first found, in that order).
         target: where the label is in the batch: an index for sequences, a key for mappings (or a field name for
             dataclass batches); a dotted path such as ``"1.y"`` or ``"0.1"`` reaches into nested batches.
-            ``None``: the last element of a sequence, the key ``"y"``, ``"target"`` or ``"label"`` of a mapping
-            (recursively if that element is itself a container).
+            ``None``: the last element of a sequence of two or more, the key ``"y"``, ``"target"`` or ``"label"``
+            of a mapping (recursively if that element is itself a container). A batch with no identifiable label
+            (a bare tensor; a one-element sequence without ``target``) is refused, never noised.
         seed: seed of the noise stream; identical seeds give identical noise, each DDP rank draws its own stream.
         schedule: when noise is on, in optimizer steps (``trainer.global_step``), see
             :class:`~lightning_lnsgd.callbacks.noise_schedule.NoiseSchedule`: ``"constant"`` (full level in
@@ -68,10 +86,24 @@ class LabelNoise(Callback):
         period_on: length of the "on" phase of ``"periodic"``, in optimizer steps (> 0).
         period_off: length of the "off" phase of ``"periodic"``, in optimizer steps (> 0).
         decay_until: optimizer step at which ``"decay"`` reaches 0 (> ``start_step``).
+        transition: the flip model of ``kind="flip"``: ``"symmetric"`` (with probability τ, a class drawn uniformly
+            from the other C − 1), ``"pair"`` (with probability τ, c → (c + 1) mod C), or a C × C row-stochastic
+            matrix T as a nested list or a tensor (label c becomes j with probability T[c, j]; with a schedule
+            factor f < 1, the matrix (1 − f)·I + f·T).
+        ignore_index: label value that marks "no label" (padding): such entries (for one-hot targets: rows holding
+            it) are never changed, never counted in ``label_noise/flipped_frac`` and never range-checked, for every
+            kind. Default −100 (PyTorch's ``cross_entropy`` default); 255 for segmentation masks; ``None``: off.
+
+    Labels of ``kind="flip"``: integer class indices in [0, C) of any shape (multi-label 0/1 targets with C = 2:
+    each entry flips on its own); or float targets of shape (…, C) whose rows are one-hot, flipped as class
+    indices and returned one-hot in the same dtype (float 0/1 targets whose last dim is not C, with C = 2, are
+    multi-label). Other float targets (label smoothing, mixup) are refused. An integer dtype that cannot hold
+    C − 1 is refused.
 
     Logged every ``trainer.log_every_n_steps`` SGD steps: ``label_noise/active`` (0/1), the level
-    ``label_noise/sigma`` or ``label_noise/flip_prob``, and for flips ``label_noise/flipped_frac``, the fraction
-    of that step's labels that were flipped.
+    ``label_noise/sigma`` or ``label_noise/flip_prob`` (for a matrix: f · (1/C) Σ_c (1 − T[c, c]), the expected
+    fraction changed with balanced classes), and for flips ``label_noise/flipped_frac``, the measured fraction of
+    that step's non-ignored labels that changed.
 
     Example::
 
@@ -82,7 +114,7 @@ class LabelNoise(Callback):
         self,
         kind: Literal["rademacher", "gaussian", "flip"] = "rademacher",
         sigma: float | list[float] = 4.0,
-        flip_prob: float = 0.1,
+        flip_prob: float | None = None,
         num_classes: int | None = None,
         target: int | str | None = None,
         seed: int = 0,
@@ -92,6 +124,8 @@ class LabelNoise(Callback):
         period_on: int = 5000,
         period_off: int = 5000,
         decay_until: int | None = None,
+        transition: Transition = "symmetric",
+        ignore_index: int | None = -100,
     ) -> None:
         if kind not in _KINDS:
             raise ValueError(f"LabelNoise: `kind` must be 'rademacher', 'gaussian' or 'flip', got {kind!r}.")
@@ -101,8 +135,8 @@ class LabelNoise(Callback):
                 "LabelNoise: `sigma` must be a finite float >= 0 (the noise level in label units), or a list of them"
                 f" (one per stacked replica), got {sigma!r}."
             )
-        if not is_real(flip_prob, 0.0, 1.0):
-            raise ValueError(f"LabelNoise: `flip_prob` must be a probability in [0, 1], got {flip_prob!r}.")
+        if flip_prob is not None and not is_real(flip_prob, 0.0, 1.0):
+            raise ValueError(f"LabelNoise: `flip_prob` must be a probability in [0, 1] (or None), got {flip_prob!r}.")
         if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
             raise ValueError(f"LabelNoise: `num_classes` must be an int >= 2 (or None), got {num_classes!r}.")
         if isinstance(target, bool) or not (target is None or isinstance(target, (int, str))):
@@ -111,21 +145,51 @@ class LabelNoise(Callback):
             )
         if not is_int(seed):
             raise ValueError(f"LabelNoise: `seed` must be an int, got {seed!r}.")
+        if ignore_index is not None and not is_int(ignore_index):
+            raise ValueError(f"LabelNoise: `ignore_index` must be an int (e.g. -100 or 255) or None, got {ignore_index!r}.")
+        table = _transition_table(transition)
+        if table is None and transition not in noise_draw.TRANSITIONS:
+            raise ValueError(
+                "LabelNoise: `transition` must be 'symmetric', 'pair' or a C x C row-stochastic matrix (nested list"
+                f" or tensor), got {transition!r}."
+            )
+        if kind != "flip" and not (isinstance(transition, str) and transition == "symmetric"):
+            raise ValueError(f"LabelNoise: `transition` applies to kind='flip' only, got it with kind={kind!r}.")
+        if table is not None:
+            if flip_prob is not None:
+                raise ValueError(
+                    f"LabelNoise: `flip_prob` must not be given with a `transition` matrix (its rows hold the flip"
+                    f" probabilities), got flip_prob={flip_prob!r}."
+                )
+            if num_classes is not None and num_classes != table.num_classes:
+                raise ValueError(
+                    f"LabelNoise: `num_classes`={num_classes} does not match the {table.num_classes} x"
+                    f" {table.num_classes} `transition` matrix; allowed: None or {table.num_classes}."
+                )
+            num_classes = table.num_classes
         self.schedule = NoiseSchedule(schedule, start_step, stop_step, period_on, period_off, decay_until)
         self.kind = kind
         #: σ in label units, or one σ per stacked replica.
         self.sigma: float | list[float] = (
             [float(v) for v in sigma] if is_list else float(sigma)  # type: ignore[union-attr,arg-type]
         )
-        self.flip_prob = float(flip_prob)
+        #: τ of "symmetric" / "pair"; None with a transition matrix.
+        self.flip_prob: float | None = None if table is not None else float(
+            DEFAULT_FLIP_PROB if flip_prob is None else flip_prob
+        )
+        #: "symmetric", "pair" or the matrix's sampler (:class:`~lightning_lnsgd.callbacks.noise_draw.TransitionTable`).
+        self.transition: str | noise_draw.TransitionTable = table if table is not None else transition  # type: ignore[assignment]
         self.num_classes = num_classes
         self.target = target
         self.seed = int(seed)
+        self.ignore_index = ignore_index
 
         #: SGD steps drawn so far (training batches, or k per batch of a multi-step module): the random state.
         self.counter = 0
         self._streams = noise_draw.NoiseStreams(kind, int(seed))
-        self._checked = False  # dtype checks of the first training batch done
+        self._checked = False  # checks of the first training batch done
+        self._one_hot = False  # the flip labels are one-hot rows (decided on the first training batch)
+        self._invalid = _InvalidLabels()  # invalid labels seen on an accelerator, raised at the next host sync
         self._swap: Swap | None = None  # the noisy label currently in the training batch
         self._last: dict[str, Any] = {}  # what the last draw did, for logging
 
@@ -133,9 +197,11 @@ class LabelNoise(Callback):
 
     @property
     def level(self) -> float:
-        """The full noise level: σ (label units) or τ (probability); the mean of a per-replica σ list."""
+        """The full noise level: σ (label units) or τ (probability); for a transition matrix the expected fraction
+        of labels changed with balanced classes, (1/C) Σ_c (1 − T[c, c]); the mean of a per-replica σ list."""
         if self.kind == "flip":
-            return self.flip_prob
+            table = self.transition
+            return table.mean_flip_rate() if isinstance(table, noise_draw.TransitionTable) else float(self.flip_prob)  # type: ignore[arg-type]
         return sum(self.sigma) / len(self.sigma) if isinstance(self.sigma, list) else self.sigma
 
     @property
@@ -160,17 +226,18 @@ class LabelNoise(Callback):
         if stage != "fit":
             return
         self._checked = False  # a new fit may bring new data: redo the first-batch checks
+        self._invalid = _InvalidLabels()
         if "dataloader_iter" in inspect.signature(pl_module.training_step).parameters:
             raise ValueError(
                 f"LabelNoise: {type(pl_module).__name__}.training_step takes `dataloader_iter`, so its batches never"
                 " pass through on_train_batch_start; label noise needs training_step(batch, batch_idx)."
             )
         if self.kind == "flip" and self.num_classes is None:
-            self.num_classes = _find_num_classes(pl_module, trainer)
+            self.num_classes, looked = find_num_classes(pl_module, getattr(trainer, "datamodule", None))
             if self.num_classes is None:
                 raise ValueError(
-                    "LabelNoise: kind='flip' needs `num_classes` (an int >= 2); got None, and neither the"
-                    " LightningModule nor the DataModule has a `num_classes` attribute or hyperparameter."
+                    f"LabelNoise: kind='flip' needs `num_classes` (an int >= 2); got None, and none of the names"
+                    f" {', '.join(NUM_CLASSES_NAMES)} holds an int >= 2 on {'; '.join(looked)}. Set `num_classes`."
                 )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -190,6 +257,9 @@ class LabelNoise(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._invalid.raise_if_any()  # the end of fit is a host sync point: report what the last steps saw
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
@@ -216,8 +286,10 @@ class LabelNoise(Callback):
         Draws the noise of the coming step(s) of ``trainer`` (``trainer.global_step``, ``global_rank`` and the
         :mod:`~lightning_lnsgd.protocol` layout of ``trainer.lightning_module``; step 0, rank 0, one step without
         a trainer) and advances the draw counter by one per SGD step, whether or not the schedule has noise on.
+        Invalid labels are reported at once, on any device.
         """
         path, noisy = self._draw(batch, trainer)
+        self._invalid.raise_if_any()
         return batch if noisy is None else replace(batch, path, noisy)
 
     def _draw(self, batch: Any, trainer: Trainer | None) -> tuple[tuple, torch.Tensor | None]:
@@ -232,7 +304,8 @@ class LabelNoise(Callback):
         self._last = {"levels": levels, "first": first, "k": k, "step_axis": lead - 1 if lead else None}
 
         path, labels = locate(batch, self.target)
-        if not self._checked:
+        first_batch = not self._checked
+        if first_batch:
             self._check_dtype(labels, path)
             self._checked = True
         if layout is not None and tuple(labels.shape[:lead]) != layout.leading_shape:
@@ -240,24 +313,85 @@ class LabelNoise(Callback):
                 f"LabelNoise: the module's step_layout() implies leading label dims {layout.leading_shape}"
                 f" (replicas, steps), but the label at {path_str(path)} has shape {tuple(labels.shape)}."
             )
+        ignored = self._ignored(labels)
+        classes, keep = labels, None if ignored is None else ~ignored
         if self.kind == "flip":
-            self._last.update(labels=labels, mask=None)
-            if labels.device.type == "cpu":
-                self._check_class_range(labels)  # cheap on CPU; on accelerators done at logging steps (a sync)
+            classes, counted, keep = self._classes(labels, ignored, path)
+            self._last.update(mask=None, counted=counted)
+            # On the CPU (and on the first batch anywhere) a bad label stops the fit at once; on an accelerator the
+            # flag stays on the device and is raised at the next logging step or at the end of fit, without a host
+            # sync per batch. Bad entries are never changed meanwhile (they are left out of `keep`).
+            if labels.device.type == "cpu" or first_batch:
+                self._invalid.raise_if_any()
         self._check_sigma(layout)
         if not any(level > 0 for level in levels):
             self.counter += k  # step t's draw stays the same whatever the schedule did before
             return path, None
 
-        shape = tuple(labels.shape[lead:])
+        shape = tuple(classes.shape[lead:])
+        matrix = isinstance(self.transition, noise_draw.TransitionTable)
         replica_levels = self.sigma if isinstance(self.sigma, list) and self.kind != "flip" else None
-        level = noise_draw.label_levels(factors, self.level, replica_levels, labels.device, len(shape))
+        # A matrix's draw takes the schedule factor f: a label is redrawn from T with probability f.
+        full = 1.0 if matrix else self.level
+        level = noise_draw.label_levels(factors, full, replica_levels, labels.device, len(shape))
         noisy, mask, self.counter = self._streams.draw(
-            labels, self.counter, 0 if trainer is None else trainer.global_rank, replica_seeds,
-            None if lead == 0 else k, lead, level, self.num_classes,
+            classes, self.counter, 0 if trainer is None else trainer.global_rank, replica_seeds,
+            None if lead == 0 else k, lead, level, self.num_classes, self.transition, keep,
         )
-        self._last["mask"] = mask
+        if self.kind == "flip":
+            self._last["mask"] = mask
+            if self._one_hot:  # back to one-hot rows, in the target's dtype
+                rows = torch.nn.functional.one_hot(noisy, int(self.num_classes)).to(labels.dtype)
+                noisy = torch.where(mask[..., None], rows, labels)  # type: ignore[index]
         return path, noisy
+
+    def _ignored(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Where ``labels`` equals ``ignore_index`` (``None`` when off or when the dtype cannot hold it)."""
+        if self.ignore_index is None:
+            return None
+        if not labels.is_floating_point():
+            info = torch.iinfo(labels.dtype) if labels.dtype != torch.bool else None
+            if info is None or not info.min <= self.ignore_index <= info.max:
+                return None
+        return labels == self.ignore_index
+
+    def _classes(
+        self, labels: torch.Tensor, ignored: torch.Tensor | None, path: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(class indices, the entries counted in flipped_frac, the entries that may flip)`` of flip labels, and
+        the invalid ones recorded in ``self._invalid`` (device-side, no host sync)."""
+        c = int(self.num_classes)  # type: ignore[arg-type]
+        if self._one_hot:
+            if labels.shape[-1] != c:
+                raise ValueError(
+                    f"LabelNoise: the one-hot target at {path_str(path)} has shape {tuple(labels.shape)}; its last"
+                    f" dim must be num_classes={c}."
+                )
+            row_ignored = None if ignored is None else ignored.any(-1)
+            binary = ((labels == 0) | (labels == 1)).all(-1)
+            valid = binary & (labels.sum(-1) == 1)
+            counted = None if row_ignored is None else ~row_ignored
+            bad = ~valid if counted is None else ~valid & counted
+            self._invalid.add(bad, labels.sum(-1), lambda v: (
+                f"LabelNoise: kind='flip' treats the float target at {path_str(path)} as one-hot rows, but a"
+                f" training batch has a row that is not one-hot (entries in {{0, 1}} summing to 1; row sum {v:g});"
+                f" mark rows without a label with ignore_index={self.ignore_index}."
+            ))
+            return labels.argmax(-1), counted, valid if counted is None else valid & counted
+        counted = None if ignored is None else ~ignored
+        if labels.is_floating_point():  # multi-label 0/1 with num_classes=2
+            valid = (labels == 0) | (labels == 1)
+            allowed = "0 or 1 (float multi-label targets)"
+        else:
+            valid = (labels >= 0) & (labels <= c - 1)  # c itself may not fit the dtype (uint8, c = 256)
+            allowed = f"in [0, {c - 1}]"
+        bad = ~valid if counted is None else ~valid & counted
+        self._invalid.add(bad, labels, lambda v: (
+            f"LabelNoise: kind='flip' with num_classes={c} needs labels {allowed}, but the label at {path_str(path)}"
+            f" holds label {v:g}. Set `num_classes` to the number of classes, and `ignore_index` to the padding label"
+            f" (now {self.ignore_index})."
+        ))
+        return labels, counted, valid if counted is None else valid & counted
 
     # ------------------------------------------------------------------ logging
 
@@ -272,8 +406,7 @@ class LabelNoise(Callback):
         if not grid:
             return
         # Only at logging steps: the reductions and host syncs below are paid once per log_every_n_steps.
-        if self.kind == "flip":
-            self._check_class_range(last["labels"])
+        self._invalid.raise_if_any()
         if not trainer.loggers:
             return
         for t in grid:
@@ -281,12 +414,22 @@ class LabelNoise(Callback):
             level = last["levels"][row]
             values = {"label_noise/active": float(level > 0), f"label_noise/{self.level_name}": level}
             if self.kind == "flip":
-                mask = last["mask"]
-                if mask is not None and last["step_axis"] is not None:
-                    mask = mask.select(last["step_axis"], row)
-                values["label_noise/flipped_frac"] = float(mask.float().mean()) if mask is not None else 0.0
+                values["label_noise/flipped_frac"] = self._flipped_frac(last["mask"], last["counted"], row)
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=t)
+
+    def _flipped_frac(self, mask: torch.Tensor | None, counted: torch.Tensor | None, row: int) -> float:
+        """The fraction of the non-ignored labels of step row ``row`` that changed."""
+        if mask is None:
+            return 0.0
+        axis = self._last["step_axis"]
+        if axis is not None:
+            mask = mask.select(axis, row)
+            counted = None if counted is None else counted.select(axis, row)
+        if counted is None:
+            return float(mask.float().mean()) if mask.numel() else 0.0
+        total = int(counted.sum())
+        return float((mask & counted).sum()) / total if total else 0.0
 
     # ------------------------------------------------------------------ checks
 
@@ -301,36 +444,138 @@ class LabelNoise(Callback):
             )
 
     def _check_dtype(self, labels: torch.Tensor, path: tuple) -> None:
+        """First-batch checks of the label's dtype (and, for float flip targets, which kind of target it is)."""
         where = path_str(path)
-        if self.kind == "flip":
-            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        if self.kind != "flip":
+            if not labels.is_floating_point():
                 raise ValueError(
-                    f"LabelNoise: kind='flip' needs integer class labels, but the label at {where} has dtype"
-                    f" {labels.dtype}. Use kind='rademacher' or 'gaussian' for real-valued labels."
+                    f"LabelNoise: kind={self.kind!r} needs floating-point labels, but the label at {where} has dtype"
+                    f" {labels.dtype}. Use kind='flip' (with `num_classes`) for integer class labels."
                 )
-        elif not labels.is_floating_point():
-            raise ValueError(
-                f"LabelNoise: kind={self.kind!r} needs floating-point labels, but the label at {where} has dtype"
-                f" {labels.dtype}. Use kind='flip' (with `num_classes`) for integer class labels."
-            )
-
-    def _check_class_range(self, labels: torch.Tensor) -> None:
-        if labels.numel() == 0:
             return
-        lo, hi = int(labels.min()), int(labels.max())
         c = int(self.num_classes)  # type: ignore[arg-type]
-        if lo < 0 or hi >= c:
+        if labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(
-                f"LabelNoise: kind='flip' with num_classes={c} needs labels in [0, {c - 1}], but the batch has"
-                f" label {lo if lo < 0 else hi}. Set `num_classes` to the number of classes."
+                f"LabelNoise: kind='flip' needs integer class labels or one-hot float rows, but the label at {where}"
+                f" has dtype {labels.dtype}. Use kind='rademacher' or 'gaussian' for real-valued labels."
+            )
+        if not labels.is_floating_point():
+            if torch.iinfo(labels.dtype).max < c - 1:
+                raise ValueError(
+                    f"LabelNoise: the label at {where} has dtype {labels.dtype} (max {torch.iinfo(labels.dtype).max}),"
+                    f" which cannot hold class {c - 1} of num_classes={c}; use a wider integer dtype (e.g. int64)."
+                )
+            return
+        # The rule: one-hot if the last dim is C and every row without ignore_index is one-hot; else, with C = 2,
+        # multi-label if every entry other than ignore_index is 0 or 1; else a soft target (refused).
+        ignored = self._ignored(labels)
+        self._one_hot = False
+        if labels.dim() > 0 and labels.shape[-1] == c:
+            rows = labels if ignored is None else labels[~ignored.any(-1)]
+            binary_rows = ((rows == 0) | (rows == 1)).all()
+            self._one_hot = bool(binary_rows & (rows.sum(-1) == 1).all())
+        entries = labels if ignored is None else labels[~ignored]
+        if not self._one_hot and not (c == 2 and bool(((entries == 0) | (entries == 1)).all())):
+            raise ValueError(
+                f"LabelNoise: kind='flip' needs integer class labels or one-hot float rows, but the label at {where}"
+                f" is the soft target {describe(labels)} (not one-hot rows with last dim num_classes={c}, nor 0/1"
+                " multi-label entries with num_classes=2): flipping a soft target (label smoothing, mixup) is not"
+                " defined, as a distribution has no single class to replace; flip the hard labels before smoothing or"
+                " mixing, or use kind='gaussian' for real-valued targets."
             )
 
 
-def _find_num_classes(pl_module: LightningModule, trainer: Trainer) -> int | None:
-    for obj in (pl_module, getattr(pl_module, "hparams", None), getattr(trainer, "datamodule", None)):
+class _InvalidLabels:
+    """Invalid flip labels seen since the last host sync, kept on the labels' device: ``add`` costs no host sync;
+    :meth:`raise_if_any` syncs once and raises the message of the first invalid label seen."""
+
+    def __init__(self) -> None:
+        self.any: torch.Tensor | None = None  # bool scalar: some label was invalid
+        self.value: torch.Tensor | None = None  # the first invalid value (float64 scalar)
+        self.message: Any = None
+
+    def add(self, bad: torch.Tensor, values: torch.Tensor, message: Any) -> None:
+        """Records the entries of ``values`` where ``bad`` is True; ``message(value)`` is the error text."""
+        if bad.numel() == 0:
+            return
+        flat = bad.reshape(-1)
+        value = values.reshape(-1)[flat.to(torch.uint8).argmax()].to(torch.float64)  # first bad entry, on device
+        found = flat.any()
+        if self.any is None or self.any.device != found.device:
+            self.any, self.value, self.message = found, value, message
+            return
+        first = ~self.any & found  # keep the first batch's value and message
+        self.value = torch.where(first, value, self.value)  # type: ignore[arg-type]
+        if self.message is None:
+            self.message = message
+        self.any = self.any | found
+
+    def raise_if_any(self) -> None:
+        if self.any is not None and bool(self.any):
+            value, message = float(self.value), self.message  # type: ignore[arg-type]
+            self.any = self.value = self.message = None
+            raise ValueError(message(value))
+        self.any = self.value = self.message = None
+
+
+def _transition_table(transition: Any) -> noise_draw.TransitionTable | None:
+    """The sampler of a transition matrix (nested list or tensor); ``None`` for a name. Raises ``ValueError``
+    naming the first row that is not a probability distribution over C classes."""
+    if isinstance(transition, str):
+        return None
+    if isinstance(transition, torch.Tensor):
+        if transition.dim() != 2 or transition.is_complex():
+            raise ValueError(
+                f"LabelNoise: a `transition` tensor must be a real C x C matrix, got shape {tuple(transition.shape)}."
+            )
+        rows = transition.detach().to("cpu", torch.float64).tolist()
+    elif isinstance(transition, (list, tuple)):
+        rows = list(transition)
+    else:
+        return None
+    c = len(rows)
+    if c < 2:
+        raise ValueError(f"LabelNoise: a `transition` matrix needs C >= 2 rows (C x C), got {c}.")
+    for i, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)) or len(row) != c:
+            raise ValueError(
+                f"LabelNoise: row {i} of `transition` is {row!r}; a C x C matrix with C = {c} rows needs {c} entries"
+                " per row."
+            )
+        if not all(is_real(v, 0.0) for v in row):
+            raise ValueError(f"LabelNoise: row {i} of `transition` has an entry that is not a finite number >= 0: {row!r}.")
+        total = sum(float(v) for v in row)
+        if abs(total - 1.0) > ROW_SUM_TOLERANCE:
+            raise ValueError(
+                f"LabelNoise: row {i} of `transition` sums to {total:g}, not 1 (row c is the distribution of the noisy"
+                f" label of class c; tolerance {ROW_SUM_TOLERANCE:g}): {row!r}."
+            )
+    return noise_draw.TransitionTable(torch.tensor(rows, dtype=torch.float64))
+
+
+def find_num_classes(pl_module: Any, datamodule: Any = None) -> tuple[int | None, list[str]]:
+    """``(C, places looked)``: the first int >= 2 under one of :data:`NUM_CLASSES_NAMES` on the module, its
+    ``hparams``, its ``model`` attribute (a wrapped network, as in Lightning's demo Transformer and LSTM), that
+    model's ``config`` and the module's own ``config`` (Hugging Face style), the datamodule and its ``hparams``."""
+    model = getattr(pl_module, "model", None)
+    places = [
+        (type(pl_module).__name__, pl_module),
+        (f"{type(pl_module).__name__}.hparams", getattr(pl_module, "hparams", None)),
+        (f"{type(pl_module).__name__}.model", model),
+        (f"{type(pl_module).__name__}.model.config", getattr(model, "config", None)),
+        (f"{type(pl_module).__name__}.config", getattr(pl_module, "config", None)),
+        ("the datamodule" if datamodule is None else type(datamodule).__name__, datamodule),
+        ("its hparams" if datamodule is None else f"{type(datamodule).__name__}.hparams",
+         getattr(datamodule, "hparams", None)),
+    ]
+    looked = []
+    for name, obj in places:
         if obj is None:
+            looked.append(f"{name} (none)")
             continue
-        value = obj.get("num_classes") if isinstance(obj, Mapping) else getattr(obj, "num_classes", None)
-        if is_int(value) and value >= 2:
-            return int(value)
-    return None
+        looked.append(name)
+        for key in NUM_CLASSES_NAMES:
+            value = obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
+            if is_int(value) and value >= 2:
+                return int(value), looked
+    return None, looked

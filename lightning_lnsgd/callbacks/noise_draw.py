@@ -11,7 +11,7 @@ import torch
 
 from ..rng import CounterRNG, replica_stream
 
-__all__ = ["NoiseStreams", "additive", "flip", "label_levels"]
+__all__ = ["TRANSITIONS", "NoiseStreams", "TransitionTable", "additive", "flip", "label_levels"]
 
 #: The CounterRNG stream name of label noise.
 STREAM = "label_noise"
@@ -33,21 +33,84 @@ def additive(
     return labels + eps * level
 
 
-def flip(
-    labels: torch.Tensor, rng: CounterRNG, num_classes: int, prob: Level, n: int | None, shape: tuple
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(noisy, flipped)``: each integer class label in [0, num_classes) is, with probability ``prob``, replaced by
-    a class drawn uniformly from the other ``num_classes − 1``; ``flipped`` is the boolean mask of replaced labels.
+class TransitionTable:
+    """A C × C row-stochastic matrix T as a sampler: label c becomes class j with probability T[c, j].
 
-    One 64-bit draw per label: the high 32 bits decide the flip (probability ``prob`` up to 2⁻³²), the low 32 bits
-    pick an offset in {1, …, c − 1}, so the new class ``(y + offset) mod c`` is never the original.
+    Row c's cumulative sums are rounded to multiples of 2⁻³² (so each probability is exact up to 2⁻³², like the
+    flip decision) and stored as int64 keys ``c · 2³³ + round(2³² · Σ_{i≤j} T[c, i])`` in one sorted vector;
+    sampling is one integer ``searchsorted`` per label (no C-wide temporary per label), bit-identical on every
+    device.
+    """
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix.to(torch.float64)
+        c = self.matrix.shape[0]
+        cdf = torch.round(torch.cumsum(self.matrix, dim=1) * 2.0**32).to(torch.int64).clamp_(0, 1 << 32)
+        cdf[:, -1] = 1 << 32  # the last class closes every row, whatever the float rounding of the row sum
+        cdf = torch.cummax(cdf, dim=1).values  # nondecreasing even if rounding made a step go down
+        self.keys = ((torch.arange(c, dtype=torch.int64)[:, None] << 33) + cdf).reshape(-1)
+        self._cache: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.matrix.shape[0])
+
+    def mean_flip_rate(self) -> float:
+        """The fraction of labels changed when classes are equally frequent: (1/C) Σ_c (1 − T[c, c])."""
+        return float((1.0 - torch.diagonal(self.matrix)).mean())
+
+    def sample(self, classes: torch.Tensor, u32: torch.Tensor) -> torch.Tensor:
+        """The new class of each label in ``classes`` (int64 in [0, C)), from uniform 32-bit integers ``u32``:
+        the smallest j with ``u32 < 2³² · Σ_{i≤j} T[c, i]`` (inverse CDF)."""
+        keys = self._cache.get(classes.device)
+        if keys is None:
+            keys = self._cache[classes.device] = self.keys.to(classes.device)
+        idx = torch.searchsorted(keys, ((classes << 33) + u32).reshape(-1), right=True).view(classes.shape)
+        return idx - classes * self.num_classes
+
+
+#: The named class-conditional flip models of ``flip``; a :class:`TransitionTable` is the third kind.
+TRANSITIONS = ("symmetric", "pair")
+
+
+def flip(
+    labels: torch.Tensor,
+    rng: CounterRNG,
+    num_classes: int,
+    prob: Level,
+    n: int | None,
+    shape: tuple,
+    transition: str | TransitionTable = "symmetric",
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noisy, flipped)`` for integer class labels in [0, num_classes); ``flipped`` is the boolean mask of the
+    labels that changed. Labels where ``keep`` is False (ignored or invalid entries) are left as they are.
+
+    One 64-bit draw per label: the high 32 bits ``h`` decide whether the label is redrawn (``h · 2⁻³² < prob``,
+    probability ``prob`` up to 2⁻³²), the low 32 bits ``l`` pick the new class:
+
+    * ``"symmetric"``: offset ``1 + ⌊l · (c − 1) / 2³²⌋`` in {1, …, c − 1}, new class ``(y + offset) mod c``: uniform
+      over the other classes, never the original;
+    * ``"pair"``: ``(y + 1) mod c`` (``l`` unused);
+    * a :class:`TransitionTable`: class j with probability T[y, j] (inverse CDF on ``l``); with ``prob`` the
+      schedule's factor f this draws from (1 − f)·I + f·T.
     """
     z = rng.bits(shape, n, labels.device)
     u = ((z >> 32) & 0xFFFFFFFF).to(torch.float64) * (2.0**-32)
-    offset = 1 + (((z & 0xFFFFFFFF) * (num_classes - 1)) >> 32)
-    mask = u < prob
-    flipped = torch.remainder(labels.to(torch.int64) + offset, num_classes).to(labels.dtype)
-    return torch.where(mask, flipped, labels), mask
+    low = z & 0xFFFFFFFF
+    y = labels.to(torch.int64)
+    if keep is not None:
+        y = torch.where(keep, y, torch.zeros_like(y))  # ignored / invalid entries index nothing out of range
+    if isinstance(transition, TransitionTable):
+        new = transition.sample(y, low)
+    elif transition == "pair":
+        new = torch.remainder(y + 1, num_classes)
+    else:
+        new = torch.remainder(y + 1 + ((low * (num_classes - 1)) >> 32), num_classes)
+    mask = (u < prob) & (new != y)
+    if keep is not None:
+        mask &= keep
+    return torch.where(mask, new.to(labels.dtype), labels), mask
 
 
 def label_levels(
@@ -91,16 +154,24 @@ class NoiseStreams:
         lead: int,
         level: Level,
         num_classes: int | None = None,
+        transition: str | TransitionTable = "symmetric",
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """``(noisy labels, flipped mask or None, counter after the draw)`` for labels whose first ``lead`` axes are
-        (replica, step) axes; ``steps`` is the step axis's length, or ``None`` for one step's label."""
+        (replica, step) axes; ``steps`` is the step axis's length, or ``None`` for one step's label.
+
+        ``labels`` are class indices for ``kind="flip"`` (``transition`` as in :func:`flip`); entries where ``keep``
+        is False are returned unchanged (for every kind), and their draws are made and discarded, so the other
+        entries get the same noise either way."""
         rng = self._stream(replica_seeds, rank)
         rng.counter = counter
         shape = tuple(labels.shape[lead:])
         if self.kind == "flip":
-            noisy, mask = flip(labels, rng, int(num_classes), level, steps, shape)  # type: ignore[arg-type]
+            noisy, mask = flip(labels, rng, int(num_classes), level, steps, shape, transition, keep)  # type: ignore[arg-type]
         else:
             noisy, mask = additive(labels, rng, self.kind, level, steps, shape), None
+            if keep is not None:
+                noisy = torch.where(keep, noisy, labels)
         return noisy, mask, rng.counter
 
     def _stream(self, replica_seeds: tuple[int, ...] | None, rank: int) -> CounterRNG:

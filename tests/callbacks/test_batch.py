@@ -145,3 +145,13 @@ def test_locate_errors_show_the_batch_layout():
     assert locate({"a.b": y}, "a.b") == (("a.b",), y)  # a key containing dots is a key
     assert path_str((1, "y")) == "batch[1]['y']"
     assert describe([x, {"y": y}]) == "list[0: Tensor(float32, [3, 2]), 1: {'y': Tensor(float32, [3])}]"
+
+
+def test_locate_refuses_batches_without_an_identifiable_label():
+    x = torch.zeros(2, 3)
+    for target in (None, 0, "y"):
+        with pytest.raises(ValueError, match=r"single Tensor\(float32, \[2, 3\]\) with no separate label"):
+            locate(x, target)
+    with pytest.raises(ValueError, match=r"one-element tuple\[0: Tensor\(float32, \[2, 3\]\)\].*set target=0"):
+        locate((x,), None)
+    assert locate((x,), 0) == ((0,), x) and locate([x, x], None)[0] == (1,)

@@ -383,7 +383,7 @@ def test_noisy_batch_returns_a_copy(batch, target, read, name):
 def test_flip_rate_and_uniform_over_other_classes():
     c, tau, n = 5, 0.3, 200_000
     y = torch.arange(n) % c
-    cb = LabelNoise(kind="flip", flip_prob=tau, num_classes=c, seed=3)
+    cb = LabelNoise(target=0, kind="flip", flip_prob=tau, num_classes=c, seed=3)
     (noisy,) = cb.noisy_batch((y,), _fake_trainer())
     assert noisy.dtype == y.dtype
     mask = noisy != y
@@ -413,15 +413,15 @@ def test_flip_rate_and_uniform_over_other_classes():
 
 def test_flip_extremes():
     y = torch.arange(1000) % 3
-    (same,) = LabelNoise(kind="flip", flip_prob=0.0, num_classes=3).noisy_batch((y,), _fake_trainer())
+    (same,) = LabelNoise(target=0, kind="flip", flip_prob=0.0, num_classes=3).noisy_batch((y,), _fake_trainer())
     assert torch.equal(same, y)
-    (all_,) = LabelNoise(kind="flip", flip_prob=1.0, num_classes=3).noisy_batch((y,), _fake_trainer())
+    (all_,) = LabelNoise(target=0, kind="flip", flip_prob=1.0, num_classes=3).noisy_batch((y,), _fake_trainer())
     assert (all_ != y).all() and ((all_ >= 0) & (all_ < 3)).all()
 
 
 def test_rademacher_exactly_pm_sigma_and_gaussian_moments():
     y = torch.arange(-50.0, 50.0).repeat(100)  # integer-valued floats: y ± 4 is exact
-    cb = LabelNoise(kind="rademacher", sigma=4.0)
+    cb = LabelNoise(target=0, kind="rademacher", sigma=4.0)
     (noisy,) = cb.noisy_batch((y,), _fake_trainer())
     eps = noisy - y
     assert set(eps.unique().tolist()) == {-4.0, 4.0}
@@ -429,7 +429,7 @@ def test_rademacher_exactly_pm_sigma_and_gaussian_moments():
     y2 = torch.zeros(4, 3, 2, dtype=torch.float64)  # any shape, any float dtype
     (n2,) = cb.noisy_batch((y2,), _fake_trainer())
     assert n2.dtype == torch.float64 and n2.shape == y2.shape and set(n2.abs().unique().tolist()) == {4.0}
-    g = LabelNoise(kind="gaussian", sigma=2.0)
+    g = LabelNoise(target=0, kind="gaussian", sigma=2.0)
     (ng,) = g.noisy_batch((torch.zeros(100_000),), _fake_trainer())
     assert abs(ng.mean().item()) < 0.03 and abs(ng.std().item() - 2.0) < 0.03
     assert torch.equal(ng, 2.0 * CounterRNG(0, "label_noise").normal((100_000,)))
@@ -439,7 +439,7 @@ def test_same_seed_same_noise_other_seed_other_noise():
     y = torch.zeros(64)
 
     def run(seed, steps=3):
-        cb = LabelNoise(sigma=1.0, seed=seed)
+        cb = LabelNoise(target=0, sigma=1.0, seed=seed)
         return torch.stack([cb.noisy_batch((y,), _fake_trainer(step=s))[0] for s in range(steps)])
 
     assert torch.equal(run(5), run(5))
@@ -452,16 +452,16 @@ def test_same_seed_same_noise_other_seed_other_noise():
 
 
 def test_level_at_and_schedule_factor():
-    const = LabelNoise(sigma=2.0)
+    const = LabelNoise(target=0, sigma=2.0)
     assert [const.level_at(s) for s in (0, 1, 10**6)] == [2.0, 2.0, 2.0]
-    win = LabelNoise(sigma=2.0, start_step=3, stop_step=6)
+    win = LabelNoise(target=0, sigma=2.0, start_step=3, stop_step=6)
     assert [win.level_at(s) for s in range(8)] == [0, 0, 0, 2, 2, 2, 0, 0]
-    per = LabelNoise(kind="flip", flip_prob=0.2, num_classes=3, schedule="periodic", start_step=2, period_on=3, period_off=2)
+    per = LabelNoise(target=0, kind="flip", flip_prob=0.2, num_classes=3, schedule="periodic", start_step=2, period_on=3, period_off=2)
     assert [per.level_at(s) for s in range(8)] == [0, 0, 0.2, 0.2, 0.2, 0, 0, 0.2]
     assert per.level_name == "flip_prob" and const.level_name == "sigma"
-    dec = LabelNoise(sigma=4.0, schedule="decay", start_step=10, decay_until=20)
+    dec = LabelNoise(target=0, sigma=4.0, schedule="decay", start_step=10, decay_until=20)
     assert [dec.level_at(s) for s in (0, 9, 10, 15, 20)] == [0, 0, 4.0, 2.0, 0]
-    grid = LabelNoise(sigma=[1.0, 3.0], schedule="decay", decay_until=4)
+    grid = LabelNoise(target=0, sigma=[1.0, 3.0], schedule="decay", decay_until=4)
     assert grid.level == 2.0 and grid.level_at(2) == 1.0 and grid.schedule_factor(1) == 0.75
 
 
@@ -674,7 +674,7 @@ class FastModule:
 def test_multi_step_chunking_and_replicas(kind):
     B, steps = 5, 6
     y = torch.zeros(B, dtype=torch.int64) if kind == "flip" else torch.zeros(B)
-    opts = dict(kind=kind, sigma=1.5, flip_prob=0.5, num_classes=4, seed=9, schedule="periodic", period_on=2, period_off=1)
+    opts = dict(target=0, kind=kind, sigma=1.5, flip_prob=0.5, num_classes=4, seed=9, schedule="periodic", period_on=2, period_off=1)
 
     def plain(replica_seeds):  # one step per batch, per-step noise as a (steps, B) tensor
         cb, mod, rows = LabelNoise(**opts), FastModule(replica_seeds, 1), []
@@ -716,7 +716,7 @@ def test_multi_step_chunking_and_replicas(kind):
 
 def test_per_replica_sigma():
     seeds, k, B = [4, 5, 6], 2, 3
-    cb = LabelNoise(sigma=[1.0, 2.0, 4.0], seed=1)
+    cb = LabelNoise(target=0, sigma=[1.0, 2.0, 4.0], seed=1)
     (out,) = cb.noisy_batch((torch.zeros(3, k, B),), _fake_trainer(FastModule(seeds, k)))
     for r, s in enumerate(seeds):
         want = cb.sigma[r] * CounterRNG(replica_stream(1, s), "label_noise").rademacher((B,), n=k)
@@ -728,7 +728,7 @@ def test_per_replica_sigma():
 
 
 def test_layout_errors():
-    cb = LabelNoise()
+    cb = LabelNoise(target=0)
     with pytest.raises(ValueError, match=r"leading label dims \(2, 3\).*shape \(3, 3, 4\)"):
         cb.noisy_batch((torch.zeros(3, 3, 4),), _fake_trainer(FastModule([1, 2], 3)))
     with pytest.raises(ValueError, match="steps=0 must be an int >= 1"):
@@ -736,7 +736,7 @@ def test_layout_errors():
     # A module whose step_layout() returns None (its generic path) gets plain per-step noise.
     generic = FastModule(None, 1)
     generic.step_layout = lambda: None
-    (out,) = LabelNoise(sigma=1.0, seed=4).noisy_batch((torch.zeros(3),), _fake_trainer(generic))
+    (out,) = LabelNoise(target=0, sigma=1.0, seed=4).noisy_batch((torch.zeros(3),), _fake_trainer(generic))
     assert torch.equal(out, CounterRNG(4, "label_noise").rademacher((3,)))
 
 
@@ -749,7 +749,7 @@ def test_layout_errors():
         (dict(sigma=-1.0), r"`sigma` must be a finite float >= 0.*-1\.0"),
         (dict(sigma=[]), r"`sigma` must be .* got \[\]"),
         (dict(sigma=[1.0, float("inf")]), r"`sigma` must be .* got \[1\.0, inf\]"),
-        (dict(kind="flip", flip_prob=1.5, num_classes=3), r"`flip_prob` must be a probability in \[0, 1\], got 1\.5"),
+        (dict(kind="flip", flip_prob=1.5, num_classes=3), r"`flip_prob` must be a probability in \[0, 1\] \(or None\), got 1\.5"),
         (dict(kind="flip", flip_prob=-0.1, num_classes=3), r"`flip_prob`.*-0\.1"),
         (dict(kind="flip", num_classes=1), r"`num_classes` must be an int >= 2.*got 1"),
         (dict(kind="laplace"), r"`kind` must be.*'laplace'"),
@@ -772,7 +772,7 @@ def test_first_batch_errors():
     X, Y = torch.arange(6.0).reshape(3, 2), torch.tensor([1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match=r"`target='label'` is not in the training batch"):
         LabelNoise(target="label").noisy_batch({"x": X, "y": Y}, t)
-    with pytest.raises(ValueError, match=r"kind='flip' needs integer class labels.*batch\[1\] has dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"kind='flip' needs integer class labels.*batch\[1\] is the soft target Tensor\(float32, \[3\]\)"):
         LabelNoise(kind="flip", num_classes=3).noisy_batch((X, Y), t)
     with pytest.raises(ValueError, match=r"kind='rademacher' needs floating-point labels.*torch.int64"):
         LabelNoise().noisy_batch((X, Y.long()), t)
