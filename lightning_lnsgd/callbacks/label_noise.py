@@ -29,7 +29,6 @@ resume-exact. A module that runs several SGD steps or stacked replicas per Light
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -38,18 +37,18 @@ from ..checks import is_int, is_real
 from ..compat import Callback, LightningModule, Trainer
 from ..protocol import StepLayout, step_layout
 from . import noise_draw
-from .batch import Swap, describe, locate, path_str, replace, swap_in
+from .batch import Swap, locate, path_str, replace, swap_in
+from .label_targets import (
+    NUM_CLASSES_NAMES,
+    ClassTargets,
+    find_num_classes,
+    ignored_entries,
+)
 from .noise_schedule import NoiseSchedule
 
 __all__ = ["NUM_CLASSES_NAMES", "LabelNoise"]
 
 _KINDS = ("rademacher", "gaussian", "flip")
-
-#: The attribute / hyperparameter names read, in order, when ``num_classes`` is None.
-NUM_CLASSES_NAMES = ("num_classes", "num_labels", "vocab_size")
-
-#: How far a row of a ``transition`` matrix may sum from 1.
-ROW_SUM_TOLERANCE = 1e-6
 
 #: The default flip probability τ of ``"symmetric"`` and ``"pair"``.
 DEFAULT_FLIP_PROB = 0.1
@@ -147,7 +146,7 @@ class LabelNoise(Callback):
             raise ValueError(f"LabelNoise: `seed` must be an int, got {seed!r}.")
         if ignore_index is not None and not is_int(ignore_index):
             raise ValueError(f"LabelNoise: `ignore_index` must be an int (e.g. -100 or 255) or None, got {ignore_index!r}.")
-        table = _transition_table(transition)
+        table = noise_draw.transition_table(transition)
         if table is None and transition not in noise_draw.TRANSITIONS:
             raise ValueError(
                 "LabelNoise: `transition` must be 'symmetric', 'pair' or a C x C row-stochastic matrix (nested list"
@@ -188,8 +187,7 @@ class LabelNoise(Callback):
         self.counter = 0
         self._streams = noise_draw.NoiseStreams(kind, int(seed))
         self._checked = False  # checks of the first training batch done
-        self._one_hot = False  # the flip labels are one-hot rows (decided on the first training batch)
-        self._invalid = _InvalidLabels()  # invalid labels seen on an accelerator, raised at the next host sync
+        self._targets: ClassTargets | None = None  # how flips read the class targets (made once C is known)
         self._swap: Swap | None = None  # the noisy label currently in the training batch
         self._last: dict[str, Any] = {}  # what the last draw did, for logging
 
@@ -226,7 +224,7 @@ class LabelNoise(Callback):
         if stage != "fit":
             return
         self._checked = False  # a new fit may bring new data: redo the first-batch checks
-        self._invalid = _InvalidLabels()
+        self._targets = None
         if "dataloader_iter" in inspect.signature(pl_module.training_step).parameters:
             raise ValueError(
                 f"LabelNoise: {type(pl_module).__name__}.training_step takes `dataloader_iter`, so its batches never"
@@ -259,7 +257,7 @@ class LabelNoise(Callback):
         self._restore()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._invalid.raise_if_any()  # the end of fit is a host sync point: report what the last steps saw
+        self._raise_invalid()  # the end of fit is a host sync point: report what the last steps saw
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
@@ -289,7 +287,7 @@ class LabelNoise(Callback):
         Invalid labels are reported at once, on any device.
         """
         path, noisy = self._draw(batch, trainer)
-        self._invalid.raise_if_any()
+        self._raise_invalid()
         return batch if noisy is None else replace(batch, path, noisy)
 
     def _draw(self, batch: Any, trainer: Trainer | None) -> tuple[tuple, torch.Tensor | None]:
@@ -313,16 +311,16 @@ class LabelNoise(Callback):
                 f"LabelNoise: the module's step_layout() implies leading label dims {layout.leading_shape}"
                 f" (replicas, steps), but the label at {path_str(path)} has shape {tuple(labels.shape)}."
             )
-        ignored = self._ignored(labels)
+        ignored = ignored_entries(labels, self.ignore_index)
         classes, keep = labels, None if ignored is None else ~ignored
         if self.kind == "flip":
-            classes, counted, keep = self._classes(labels, ignored, path)
+            classes, counted, keep = self._class_targets().classes(labels, ignored, path)
             self._last.update(mask=None, counted=counted)
             # On the CPU (and on the first batch anywhere) a bad label stops the fit at once; on an accelerator the
             # flag stays on the device and is raised at the next logging step or at the end of fit, without a host
             # sync per batch. Bad entries are never changed meanwhile (they are left out of `keep`).
             if labels.device.type == "cpu" or first_batch:
-                self._invalid.raise_if_any()
+                self._raise_invalid()
         self._check_sigma(layout)
         if not any(level > 0 for level in levels):
             self.counter += k  # step t's draw stays the same whatever the schedule did before
@@ -340,58 +338,9 @@ class LabelNoise(Callback):
         )
         if self.kind == "flip":
             self._last["mask"] = mask
-            if self._one_hot:  # back to one-hot rows, in the target's dtype
-                rows = torch.nn.functional.one_hot(noisy, int(self.num_classes)).to(labels.dtype)
-                noisy = torch.where(mask[..., None], rows, labels)  # type: ignore[index]
+            if self._class_targets().one_hot:
+                noisy = self._class_targets().to_one_hot(noisy, mask, labels)  # type: ignore[arg-type]
         return path, noisy
-
-    def _ignored(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """Where ``labels`` equals ``ignore_index`` (``None`` when off or when the dtype cannot hold it)."""
-        if self.ignore_index is None:
-            return None
-        if not labels.is_floating_point():
-            info = torch.iinfo(labels.dtype) if labels.dtype != torch.bool else None
-            if info is None or not info.min <= self.ignore_index <= info.max:
-                return None
-        return labels == self.ignore_index
-
-    def _classes(
-        self, labels: torch.Tensor, ignored: torch.Tensor | None, path: tuple
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(class indices, the entries counted in flipped_frac, the entries that may flip)`` of flip labels, and
-        the invalid ones recorded in ``self._invalid`` (device-side, no host sync)."""
-        c = int(self.num_classes)  # type: ignore[arg-type]
-        if self._one_hot:
-            if labels.shape[-1] != c:
-                raise ValueError(
-                    f"LabelNoise: the one-hot target at {path_str(path)} has shape {tuple(labels.shape)}; its last"
-                    f" dim must be num_classes={c}."
-                )
-            row_ignored = None if ignored is None else ignored.any(-1)
-            binary = ((labels == 0) | (labels == 1)).all(-1)
-            valid = binary & (labels.sum(-1) == 1)
-            counted = None if row_ignored is None else ~row_ignored
-            bad = ~valid if counted is None else ~valid & counted
-            self._invalid.add(bad, labels.sum(-1), lambda v: (
-                f"LabelNoise: kind='flip' treats the float target at {path_str(path)} as one-hot rows, but a"
-                f" training batch has a row that is not one-hot (entries in {{0, 1}} summing to 1; row sum {v:g});"
-                f" mark rows without a label with ignore_index={self.ignore_index}."
-            ))
-            return labels.argmax(-1), counted, valid if counted is None else valid & counted
-        counted = None if ignored is None else ~ignored
-        if labels.is_floating_point():  # multi-label 0/1 with num_classes=2
-            valid = (labels == 0) | (labels == 1)
-            allowed = "0 or 1 (float multi-label targets)"
-        else:
-            valid = (labels >= 0) & (labels <= c - 1)  # c itself may not fit the dtype (uint8, c = 256)
-            allowed = f"in [0, {c - 1}]"
-        bad = ~valid if counted is None else ~valid & counted
-        self._invalid.add(bad, labels, lambda v: (
-            f"LabelNoise: kind='flip' with num_classes={c} needs labels {allowed}, but the label at {path_str(path)}"
-            f" holds label {v:g}. Set `num_classes` to the number of classes, and `ignore_index` to the padding label"
-            f" (now {self.ignore_index})."
-        ))
-        return labels, counted, valid if counted is None else valid & counted
 
     # ------------------------------------------------------------------ logging
 
@@ -406,7 +355,7 @@ class LabelNoise(Callback):
         if not grid:
             return
         # Only at logging steps: the reductions and host syncs below are paid once per log_every_n_steps.
-        self._invalid.raise_if_any()
+        self._raise_invalid()
         if not trainer.loggers:
             return
         for t in grid:
@@ -444,138 +393,20 @@ class LabelNoise(Callback):
             )
 
     def _check_dtype(self, labels: torch.Tensor, path: tuple) -> None:
-        """First-batch checks of the label's dtype (and, for float flip targets, which kind of target it is)."""
-        where = path_str(path)
-        if self.kind != "flip":
-            if not labels.is_floating_point():
-                raise ValueError(
-                    f"LabelNoise: kind={self.kind!r} needs floating-point labels, but the label at {where} has dtype"
-                    f" {labels.dtype}. Use kind='flip' (with `num_classes`) for integer class labels."
-                )
-            return
-        c = int(self.num_classes)  # type: ignore[arg-type]
-        if labels.is_complex() or labels.dtype == torch.bool:
+        """First-batch checks of the label's dtype (for flips, of which kind of class target it is)."""
+        if self.kind == "flip":
+            self._class_targets().check_first(labels, path_str(path))
+        elif not labels.is_floating_point():
             raise ValueError(
-                f"LabelNoise: kind='flip' needs integer class labels or one-hot float rows, but the label at {where}"
-                f" has dtype {labels.dtype}. Use kind='rademacher' or 'gaussian' for real-valued labels."
-            )
-        if not labels.is_floating_point():
-            if torch.iinfo(labels.dtype).max < c - 1:
-                raise ValueError(
-                    f"LabelNoise: the label at {where} has dtype {labels.dtype} (max {torch.iinfo(labels.dtype).max}),"
-                    f" which cannot hold class {c - 1} of num_classes={c}; use a wider integer dtype (e.g. int64)."
-                )
-            return
-        # The rule: one-hot if the last dim is C and every row without ignore_index is one-hot; else, with C = 2,
-        # multi-label if every entry other than ignore_index is 0 or 1; else a soft target (refused).
-        ignored = self._ignored(labels)
-        self._one_hot = False
-        if labels.dim() > 0 and labels.shape[-1] == c:
-            rows = labels if ignored is None else labels[~ignored.any(-1)]
-            binary_rows = ((rows == 0) | (rows == 1)).all()
-            self._one_hot = bool(binary_rows & (rows.sum(-1) == 1).all())
-        entries = labels if ignored is None else labels[~ignored]
-        if not self._one_hot and not (c == 2 and bool(((entries == 0) | (entries == 1)).all())):
-            raise ValueError(
-                f"LabelNoise: kind='flip' needs integer class labels or one-hot float rows, but the label at {where}"
-                f" is the soft target {describe(labels)} (not one-hot rows with last dim num_classes={c}, nor 0/1"
-                " multi-label entries with num_classes=2): flipping a soft target (label smoothing, mixup) is not"
-                " defined, as a distribution has no single class to replace; flip the hard labels before smoothing or"
-                " mixing, or use kind='gaussian' for real-valued targets."
+                f"LabelNoise: kind={self.kind!r} needs floating-point labels, but the label at {path_str(path)} has"
+                f" dtype {labels.dtype}. Use kind='flip' (with `num_classes`) for integer class labels."
             )
 
+    def _class_targets(self) -> ClassTargets:
+        if self._targets is None:
+            self._targets = ClassTargets(int(self.num_classes), self.ignore_index)  # type: ignore[arg-type]
+        return self._targets
 
-class _InvalidLabels:
-    """Invalid flip labels seen since the last host sync, kept on the labels' device: ``add`` costs no host sync;
-    :meth:`raise_if_any` syncs once and raises the message of the first invalid label seen."""
-
-    def __init__(self) -> None:
-        self.any: torch.Tensor | None = None  # bool scalar: some label was invalid
-        self.value: torch.Tensor | None = None  # the first invalid value (float64 scalar)
-        self.message: Any = None
-
-    def add(self, bad: torch.Tensor, values: torch.Tensor, message: Any) -> None:
-        """Records the entries of ``values`` where ``bad`` is True; ``message(value)`` is the error text."""
-        if bad.numel() == 0:
-            return
-        flat = bad.reshape(-1)
-        value = values.reshape(-1)[flat.to(torch.uint8).argmax()].to(torch.float64)  # first bad entry, on device
-        found = flat.any()
-        if self.any is None or self.any.device != found.device:
-            self.any, self.value, self.message = found, value, message
-            return
-        first = ~self.any & found  # keep the first batch's value and message
-        self.value = torch.where(first, value, self.value)  # type: ignore[arg-type]
-        if self.message is None:
-            self.message = message
-        self.any = self.any | found
-
-    def raise_if_any(self) -> None:
-        if self.any is not None and bool(self.any):
-            value, message = float(self.value), self.message  # type: ignore[arg-type]
-            self.any = self.value = self.message = None
-            raise ValueError(message(value))
-        self.any = self.value = self.message = None
-
-
-def _transition_table(transition: Any) -> noise_draw.TransitionTable | None:
-    """The sampler of a transition matrix (nested list or tensor); ``None`` for a name. Raises ``ValueError``
-    naming the first row that is not a probability distribution over C classes."""
-    if isinstance(transition, str):
-        return None
-    if isinstance(transition, torch.Tensor):
-        if transition.dim() != 2 or transition.is_complex():
-            raise ValueError(
-                f"LabelNoise: a `transition` tensor must be a real C x C matrix, got shape {tuple(transition.shape)}."
-            )
-        rows = transition.detach().to("cpu", torch.float64).tolist()
-    elif isinstance(transition, (list, tuple)):
-        rows = list(transition)
-    else:
-        return None
-    c = len(rows)
-    if c < 2:
-        raise ValueError(f"LabelNoise: a `transition` matrix needs C >= 2 rows (C x C), got {c}.")
-    for i, row in enumerate(rows):
-        if not isinstance(row, (list, tuple)) or len(row) != c:
-            raise ValueError(
-                f"LabelNoise: row {i} of `transition` is {row!r}; a C x C matrix with C = {c} rows needs {c} entries"
-                " per row."
-            )
-        if not all(is_real(v, 0.0) for v in row):
-            raise ValueError(f"LabelNoise: row {i} of `transition` has an entry that is not a finite number >= 0: {row!r}.")
-        total = sum(float(v) for v in row)
-        if abs(total - 1.0) > ROW_SUM_TOLERANCE:
-            raise ValueError(
-                f"LabelNoise: row {i} of `transition` sums to {total:g}, not 1 (row c is the distribution of the noisy"
-                f" label of class c; tolerance {ROW_SUM_TOLERANCE:g}): {row!r}."
-            )
-    return noise_draw.TransitionTable(torch.tensor(rows, dtype=torch.float64))
-
-
-def find_num_classes(pl_module: Any, datamodule: Any = None) -> tuple[int | None, list[str]]:
-    """``(C, places looked)``: the first int >= 2 under one of :data:`NUM_CLASSES_NAMES` on the module, its
-    ``hparams``, its ``model`` attribute (a wrapped network, as in Lightning's demo Transformer and LSTM), that
-    model's ``config`` and the module's own ``config`` (Hugging Face style), the datamodule and its ``hparams``."""
-    model = getattr(pl_module, "model", None)
-    places = [
-        (type(pl_module).__name__, pl_module),
-        (f"{type(pl_module).__name__}.hparams", getattr(pl_module, "hparams", None)),
-        (f"{type(pl_module).__name__}.model", model),
-        (f"{type(pl_module).__name__}.model.config", getattr(model, "config", None)),
-        (f"{type(pl_module).__name__}.config", getattr(pl_module, "config", None)),
-        ("the datamodule" if datamodule is None else type(datamodule).__name__, datamodule),
-        ("its hparams" if datamodule is None else f"{type(datamodule).__name__}.hparams",
-         getattr(datamodule, "hparams", None)),
-    ]
-    looked = []
-    for name, obj in places:
-        if obj is None:
-            looked.append(f"{name} (none)")
-            continue
-        looked.append(name)
-        for key in NUM_CLASSES_NAMES:
-            value = obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
-            if is_int(value) and value >= 2:
-                return int(value), looked
-    return None, looked
+    def _raise_invalid(self) -> None:
+        if self._targets is not None:
+            self._targets.invalid.raise_if_any()

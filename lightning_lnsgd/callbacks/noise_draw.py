@@ -7,11 +7,23 @@ that broadcasts against the draw (one level per step row and/or per stacked repl
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..checks import is_real
 from ..rng import CounterRNG, replica_stream
 
-__all__ = ["TRANSITIONS", "NoiseStreams", "TransitionTable", "additive", "flip", "label_levels"]
+__all__ = [
+    "ROW_SUM_TOLERANCE",
+    "TRANSITIONS",
+    "NoiseStreams",
+    "TransitionTable",
+    "additive",
+    "flip",
+    "label_levels",
+    "transition_table",
+]
 
 #: The CounterRNG stream name of label noise.
 STREAM = "label_noise"
@@ -182,3 +194,42 @@ class NoiseStreams:
             )
             self._rngs[key] = CounterRNG(seeds, stream=STREAM, rank=rank)
         return self._rngs[key]
+
+
+#: How far a row of a ``transition`` matrix may sum from 1.
+ROW_SUM_TOLERANCE = 1e-6
+
+
+def transition_table(transition: Any) -> TransitionTable | None:
+    """The sampler of a transition matrix (nested list or tensor); ``None`` for a name. Raises ``ValueError``
+    naming the first row that is not a probability distribution over C classes."""
+    if isinstance(transition, str):
+        return None
+    if isinstance(transition, torch.Tensor):
+        if transition.dim() != 2 or transition.is_complex():
+            raise ValueError(
+                f"LabelNoise: a `transition` tensor must be a real C x C matrix, got shape {tuple(transition.shape)}."
+            )
+        rows = transition.detach().to("cpu", torch.float64).tolist()
+    elif isinstance(transition, (list, tuple)):
+        rows = list(transition)
+    else:
+        return None
+    c = len(rows)
+    if c < 2:
+        raise ValueError(f"LabelNoise: a `transition` matrix needs C >= 2 rows (C x C), got {c}.")
+    for i, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)) or len(row) != c:
+            raise ValueError(
+                f"LabelNoise: row {i} of `transition` is {row!r}; a C x C matrix with C = {c} rows needs {c} entries"
+                " per row."
+            )
+        if not all(is_real(v, 0.0) for v in row):
+            raise ValueError(f"LabelNoise: row {i} of `transition` has an entry that is not a finite number >= 0: {row!r}.")
+        total = sum(float(v) for v in row)
+        if abs(total - 1.0) > ROW_SUM_TOLERANCE:
+            raise ValueError(
+                f"LabelNoise: row {i} of `transition` sums to {total:g}, not 1 (row c is the distribution of the noisy"
+                f" label of class c; tolerance {ROW_SUM_TOLERANCE:g}): {row!r}."
+            )
+    return TransitionTable(torch.tensor(rows, dtype=torch.float64))

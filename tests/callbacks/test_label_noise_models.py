@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lnsgd.callbacks.label_noise import LabelNoise, find_num_classes
+from lightning_lnsgd.callbacks.label_noise import LabelNoise
+from lightning_lnsgd.callbacks.label_targets import find_num_classes
 from lightning_lnsgd.rng import CounterRNG
 from tests.conftest import make_trainer, read_scalars
 

@@ -20,7 +20,11 @@ from lightning_lnsgd.callbacks.laziness import (
     linearization_gap,
 )
 from lightning_lnsgd.examples.resnet import ResNet18
-from lightning_lnsgd.metrics.functional.laziness import concat_examples, first_examples, num_examples
+from lightning_lnsgd.metrics.functional.laziness import (
+    concat_examples,
+    first_examples,
+    num_examples,
+)
 from tests.conftest import make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
