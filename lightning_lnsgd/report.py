@@ -1,4 +1,4 @@
-"""``python -m lightning_lnsgd report RUN_DIR [RUN_DIR ...] --out FILE.png``: the phase figure of one or more runs.
+"""``python -m lightning_lnsgd report RUN_DIR [RUN_DIR ...] --out FILE``: the phase figure of one or more runs.
 
 Reads the TensorBoard event files under each run directory (recursively) and draws, runs overlaid:
 
@@ -9,6 +9,11 @@ Reads the TensorBoard event files under each run directory (recursively) and dra
 
 ``phase/escape_step`` is drawn as a vertical dotted line in every panel, in the run's colour. With ``--layer NAME``
 the ``dynamics/NAME/*`` tags of a :class:`~lightning_lnsgd.callbacks.DynamicsMonitor` layer are used instead.
+
+``--out`` is written exactly when its extension is a format matplotlib writes (:func:`image_formats`); without an
+extension ``.png`` is appended, and an existing directory (or a path ending in ``/``) gets ``phases.png``
+(``escape_vs_<PARAM>.png`` with ``--escape-vs``) inside it. The path written is printed and returned.
+An event file cut short (a run killed while writing) is read up to the cut, with a :class:`ReportWarning` naming it.
 Importing this module has no side effects; matplotlib is loaded (Agg backend) only when drawing.
 """
 
@@ -17,11 +22,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import struct
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PANELS", "ReportError", "event_dirs", "load_scalars", "main", "phase_figure"]
+__all__ = [
+    "PANELS", "ReportError", "ReportWarning", "event_dirs", "check_event_file", "image_formats", "layers_in",
+    "load_scalars", "main", "output_path", "phase_figure",
+]
 
 #: (panel title, [(tag suffix or full tag, line style)], log y, horizontal reference line)
 PANELS: list[tuple[str, list[tuple[str, str]], bool, float | None]] = [
@@ -34,7 +45,37 @@ ESCAPE_TAG = "phase/escape_step"
 
 
 class ReportError(ValueError):
-    """The run directories cannot be reported (no event files, no known tags)."""
+    """The run directories cannot be reported (no event files, no known tags), or ``--out`` names no image format."""
+
+
+class ReportWarning(UserWarning):
+    """An event file could not be read to its end: the figure shows what precedes the damage."""
+
+
+def check_event_file(path: str | os.PathLike) -> str | None:
+    """Why the event file ``path`` cannot be read to its end, or ``None`` when every record in it is complete.
+
+    An event file is a sequence of TFRecords: an 8-byte little-endian length, a 4-byte CRC, the payload and its
+    4-byte CRC. TensorBoard's reader stops at the first incomplete record without a word; this walks the framing to
+    find whether such a record (a run killed while writing, a partial copy) is there.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    pos, records = 0, 0
+    while pos < len(data):
+        if len(data) - pos < 12:
+            break
+        (length,) = struct.unpack_from("<Q", data, pos)
+        if length > len(data) - pos - 16:
+            break
+        pos += 16 + length
+        records += 1
+    if pos == len(data):
+        return None
+    return f"is truncated or corrupt: {len(data) - pos} of its {len(data)} bytes, after {records} complete records, cannot be read"
 
 
 def event_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -58,6 +99,14 @@ def load_scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
         raise ReportError(f"report: no TensorBoard event files (events.out.tfevents.*) under {str(run_dir)!r}.")
     merged: dict[str, dict[int, tuple[float, float]]] = {}
     for d in dirs:
+        for event_file in sorted(p for p in d.glob("events.out.tfevents.*") if p.is_file()):
+            problem = check_event_file(event_file)
+            if problem is not None:
+                warnings.warn(
+                    f"report: event file {str(event_file)!r} {problem}; its events before that point are drawn.",
+                    ReportWarning,
+                    stacklevel=2,
+                )
         acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
@@ -66,6 +115,18 @@ def load_scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
                 if e.step not in series or series[e.step][0] <= e.wall_time:
                     series[e.step] = (e.wall_time, float(e.value))
     return {tag: sorted((step, v) for step, (_, v) in series.items()) for tag, series in merged.items()}
+
+
+def layers_in(scalars: dict[str, list[tuple[int, float]]]) -> list[str]:
+    """The :class:`~lightning_lnsgd.callbacks.DynamicsMonitor` layers with a phase-figure tag
+    (``dynamics/<layer>/<name>``) in ``scalars``, sorted."""
+    names = {tag.split("/", 1)[1] for _, lines, _, _ in PANELS for tag, _ in lines if tag.startswith("dynamics/")}
+    return sorted({
+        t[len("dynamics/") : -len(name) - 1]
+        for t in scalars
+        for name in names
+        if t.startswith("dynamics/") and t.endswith("/" + name) and len(t) > len("dynamics/") + len(name) + 1
+    })
 
 
 def _tag(tag: str, layer: str | None) -> str:
@@ -85,6 +146,10 @@ def phase_figure(
 
     known = {_tag(t, layer) for _, lines, _, _ in PANELS for t, _ in lines}
     for label, scalars in zip(labels, runs):
+        if layer is not None and not any(t.startswith(f"dynamics/{layer}/") for t in scalars):
+            found = ", ".join(layers_in(scalars)) or "none"
+            raise ReportError(f"report: --layer {layer!r} matches no dynamics/{layer}/* tag of run {label!r}; "
+                              f"layers in its logs: {found}.")
         if not known & set(scalars):
             found = ", ".join(sorted(scalars)[:15]) or "none"
             raise ReportError(
@@ -201,14 +266,43 @@ def escape_figure(runs: Sequence[dict[str, list[tuple[int, float]]]], labels: Se
     return fig
 
 
+def image_formats() -> list[str]:
+    """The file extensions matplotlib writes (``png``, ``pdf``, ``svg``, ...), sorted."""
+    from matplotlib.figure import Figure
+
+    return sorted(Figure().canvas.get_supported_filetypes())
+
+
+def output_path(out: str | os.PathLike, default_name: str = "phases.png") -> Path:
+    """The file :func:`main` writes for ``--out out``: ``out`` itself when its extension is an image format
+    (:func:`image_formats`); ``out`` + ``.png`` without extension; ``out/default_name`` for an existing directory
+    or a path ending in a separator. Raises :class:`ReportError` for any other extension."""
+    text = os.fspath(out)
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        return path / default_name
+    ext = path.suffix[1:]
+    if not ext:
+        return path.with_name(path.name + ".png")
+    formats = image_formats()
+    if ext.lower() not in formats:
+        raise ReportError(f"report: --out {text!r}: {ext!r} is not an image format matplotlib writes; "
+                          f"use one of: {', '.join(formats)}.")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Entry point of ``python -m lightning_lnsgd report``; returns the path of the written PNG."""
+    """Entry point of ``python -m lightning_lnsgd report``; returns the path of the written figure."""
     parser = argparse.ArgumentParser(
         prog="python -m lightning_lnsgd report",
         description="Draw the phase figure (losses, mean ‖wᵢ‖², alignment, laziness) of one or more runs.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, searched recursively for event files")
-    parser.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure")
+    parser.add_argument(
+        "--out", required=True, metavar="FILE",
+        help="where to write the figure: FILE.png, .pdf, .svg, ... as given; no extension: FILE.png; "
+        "a directory: DIR/phases.png",
+    )
     parser.add_argument("--labels", nargs="+", default=None, help="one legend label per RUN_DIR (default: the directory names)")
     parser.add_argument("--layer", default=None, help="use the dynamics/LAYER/* tags of a DynamicsMonitor layer")
     parser.add_argument(
@@ -221,16 +315,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
         parser.error(f"--labels: got {len(args.labels)} labels for {len(args.run_dirs)} run directories; give one per RUN_DIR.")
     labels = args.labels or [Path(d).resolve().name for d in args.run_dirs]
     try:
-        runs = [load_scalars(d) for d in args.run_dirs]
+        out = output_path(args.out, f"escape_vs_{args.escape_vs}.png" if args.escape_vs else "phases.png")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ReportWarning)
+            runs = [load_scalars(d) for d in args.run_dirs]
+        for w in caught:
+            if issubclass(w.category, ReportWarning):
+                print(f"warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if not args.escape_vs:  # a stacked run draws one line per replica
             pairs = [pair for label, run in zip(labels, runs) for pair in expand_replicas(run, label)]
             labels, runs = [p[0] for p in pairs], [p[1] for p in pairs]
         fig = escape_figure(runs, labels, args.escape_vs) if args.escape_vs else phase_figure(runs, labels, layer=args.layer)
     except ReportError as err:
         parser.error(str(err))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, format=out.suffix[1:].lower())
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -79,3 +79,21 @@ def test_print_config(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["lr"] == 0.001
     assert printed["data"]["init_args"]["n_train"] == 200
+
+
+@pytest.mark.parametrize(("args", "last_line"), [
+    (["--model.init_args.width", "abc"],
+     "model.init_args.width (lightning_lnsgd.TwoLayerLinear): Expected a <class 'int'>. Got value: abc"),
+    (["--model.init_args.nosuch", "3"], "model.init_args.nosuch (lightning_lnsgd.TwoLayerLinear): Option 'nosuch' is not accepted"),
+    (["--trainer.callbacks.init_args.refresh_rate", "0"],
+     "trainer.callbacks.init_args.refresh_rate (lightning_lnsgd.LabelNoise): Option 'refresh_rate' is not accepted"),
+    (["--trainer.max_steps", "x"], "trainer.max_steps: Expected a <class 'int'>. Got value: x"),
+    (["--model.init_args.lr", "-1"], "TwoLayerLinear: `lr` must be finite and > 0 (or a list of such), got -1.0."),
+])
+def test_a_config_error_ends_in_one_line_naming_field_value_and_reason(capsys, args, last_line):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/label_noise_sgd.yaml", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"lightning_lnsgd: error: {last_line}"
+    assert not any("NoneType" in line or line.lstrip().startswith("[--") for line in err)  # no union alternatives, no usage page

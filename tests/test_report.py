@@ -80,3 +80,65 @@ def test_report_layer_tags(tmp_path: Path) -> None:
             w.add_scalar("dynamics/backbone.fc1/lazy_distance", 0.1 + step, step)
     out = report.main([str(tmp_path / "run"), "--out", str(tmp_path / "l.png"), "--layer", "backbone.fc1"])
     assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("given, written", [
+    ("fig.pdf", "fig.pdf"), ("fig.SVG", "fig.SVG"), ("p4/o9", "p4/o9.png"), ("newdir/", "newdir/phases.png"),
+])
+def test_report_writes_the_path_it_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str,
+                                          written: str) -> None:
+    fake = _fake_run(tmp_path / "run")
+    out = report.main([str(fake), "--out", f"{tmp_path}/{given}"])
+    assert out == tmp_path / written and out.is_file()
+    assert capsys.readouterr().out.strip() == f"report: wrote {tmp_path / written}"
+    head = out.read_bytes()[:5]
+    assert head == {"pdf": b"%PDF-", "png": b"\x89PNG\r"}.get(out.suffix[1:], head)
+    if out.suffix.lower() == ".svg":
+        assert b"<svg" in out.read_bytes()[:2000]
+
+
+def test_report_into_an_existing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = _fake_run(tmp_path / "run")
+    (tmp_path / "figs").mkdir()
+    out = report.main([str(fake), "--out", str(tmp_path / "figs")])
+    assert out == tmp_path / "figs" / "phases.png" and out.read_bytes()[:4] == b"\x89PNG"
+    assert str(out) in capsys.readouterr().out
+
+
+def test_report_refuses_an_unknown_extension(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = _fake_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(fake), "--out", str(tmp_path / "x.xyz")])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'xyz' is not an image format" in last and "png" in last and "pdf" in last and "svg" in last
+    assert list(tmp_path.glob("x*")) == []
+
+
+def test_report_layer_without_match_lists_the_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "run")) as w:
+        w.add_scalar("train/loss", 1.0, 0)
+        for layer in ("fc1", "blocks.0.fc"):
+            w.add_scalar(f"dynamics/{layer}/norm_sq_mean", 1.0, 0)
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "run"), "--out", str(tmp_path / "l.png"), "--layer", "nosuch"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--layer 'nosuch' matches no dynamics/nosuch/* tag" in last and "layers in its logs: blocks.0.fc, fc1." in last
+    assert not (tmp_path / "l.png").exists()
+
+
+def test_report_warns_about_a_truncated_event_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = _fake_run(tmp_path / "run")
+    (event_file,) = fake.rglob("events.out.tfevents.*")
+    assert report.check_event_file(event_file) is None
+    data = event_file.read_bytes()
+    event_file.write_bytes(data[: len(data) * 2 // 3])  # a run killed while writing
+    assert "truncated" in report.check_event_file(event_file)
+    with pytest.warns(report.ReportWarning, match="truncated"):
+        scalars = report.load_scalars(fake)
+    assert 0 < len(scalars["train/loss"]) < 11  # what precedes the cut is still read
+    out = report.main([str(fake), "--out", str(tmp_path / "t.png")])
+    err = capsys.readouterr().err
+    assert out.is_file() and f"warning: report: event file {str(event_file)!r} is truncated" in err

@@ -5,6 +5,7 @@ from .dynamics import DynamicsMonitor
 from .hparams import HParamsSummary
 from .label_noise import LabelNoise
 from .laziness import Laziness
+from .predictions import PredictionWriter
 from .pruning import PruningCurve
 
-__all__ = ["DynamicsMonitor", "HParamsSummary", "LabelNoise", "Laziness", "PruningCurve", "resolve_weights"]
+__all__ = ["DynamicsMonitor", "HParamsSummary", "LabelNoise", "Laziness", "PredictionWriter", "PruningCurve", "resolve_weights"]

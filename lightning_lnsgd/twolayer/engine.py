@@ -12,7 +12,7 @@ one per Lightning step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,7 +23,53 @@ from . import kernels
 if TYPE_CHECKING:  # pragma: no cover
     from .model import TwoLayerLinear
 
-__all__ = ["FusedEngine"]
+__all__ = ["FusedEngine", "HONOURED_PRECISIONS", "refuse_unsupported_settings"]
+
+#: Trainer precisions the fused path honours: it computes in the weights' dtype, which these set (``16-true`` and
+#: ``bf16-true`` only on the torch backend; the numba and triton kernels compute in float32 or float64).
+HONOURED_PRECISIONS = ("32-true", "64-true", "16-true", "bf16-true")
+
+
+def refuse_unsupported_settings(model: TwoLayerLinear, trainer: Any) -> None:
+    """Raises ``ValueError`` for Trainer settings the fused path of ``model`` would not honour, naming the field,
+    its value and ``backend: autograd`` (the generic path, where Lightning applies them).
+
+    The fused path updates the weights itself in closed form, in their dtype, outside Lightning's optimizer loop:
+    it has no autocast (mixed precision), no gradient clipping and no gradient accumulation.
+    """
+    where = (
+        f"the fused path (backend={model.hparams.backend!r}, replicas={model.hparams.replicas!r}, "
+        f"steps_per_batch={model.steps_per_batch})"
+    )
+    generic = "backend: autograd (the generic path: one unstacked network, steps_per_batch: 1)"
+    clip = trainer.gradient_clip_val
+    if clip is not None and clip > 0:
+        raise ValueError(
+            f"TwoLayerLinear: trainer.gradient_clip_val={clip!r} is not applied by {where}, which updates the weights "
+            f"in closed form; remove it, or use {generic}."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"TwoLayerLinear: trainer.accumulate_grad_batches={trainer.accumulate_grad_batches!r} is not applied by "
+            f"{where}, which steps at every batch; remove it, or use {generic}."
+        )
+    precision = str(trainer.precision)
+    if precision not in HONOURED_PRECISIONS:
+        raise ValueError(
+            f"TwoLayerLinear: trainer.precision={precision!r} is not honoured by {where}, which computes in the "
+            f"weights' dtype without autocast; use precision {' or '.join(HONOURED_PRECISIONS[:2])}, or {generic}."
+        )
+    if precision in ("16-true", "bf16-true"):
+        try:
+            backend = kernels.resolve_backend(model.hparams.backend, trainer.strategy.root_device, tuple(model.W.shape[-2:]))
+        except (ImportError, ValueError):
+            return  # FusedEngine reports an unusable backend
+        if backend != "torch":
+            raise ValueError(
+                f"TwoLayerLinear: trainer.precision={precision!r} makes the weights half precision, which the {backend} "
+                f"kernels of {where} cannot compute in (float32, float64 only); use backend: torch, precision "
+                f"32-true or 64-true, or {generic}."
+            )
 
 
 class FusedEngine:

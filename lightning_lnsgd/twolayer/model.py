@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..compat import pl, trainer_of
+from ..compat import pl, rank_zero_warn, trainer_of
 from ..protocol import StepLayout
 from . import engine
 from . import functional as F
@@ -187,6 +187,13 @@ class TwoLayerLinear(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.0, weight_decay=0.0)
 
     # -- lifecycle -----------------------------------------------------------------------------
+    def configure_callbacks(self) -> list:
+        # The earliest hook of a fit with the trainer attached: Lightning checks gradient clipping against manual
+        # optimisation before `setup`, with a message that does not name the generic path. No callbacks added.
+        if self.fused and self.trainer.state.fn == "fit":
+            engine.refuse_unsupported_settings(self, self.trainer)
+        return []
+
     def setup(self, stage: str) -> None:
         # Checked before the strategy wraps the module: DDP would fail first, with a less useful message.
         if self.fused and stage == "fit" and self.trainer.world_size > 1:
@@ -231,6 +238,49 @@ class TwoLayerLinear(pl.LightningModule):
         every = self.trainer.log_every_n_steps
         if every > 0 and step % every == 0:
             recorder.log_dynamics(step)
+
+    # -- resume ---------------------------------------------------------------------------------
+    #: Arguments a resume may not change: they define the network, its initialisation and its random streams,
+    #: which the checkpoint holds.
+    FIXED_ON_RESUME = ("dim", "width", "init", "init_scale", "seed", "replicas", "replica_seeds", "steps_per_batch")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume: the constructor's ``lr`` wins over the checkpoint's, with a warning; a changed shape is an error.
+
+        A smaller step to continue with is a common wish, so ``lr`` may change: the ``lr_per_replica`` buffer and,
+        on the generic path, the SGD optimizer take the new value before Lightning restores them, and logged
+        hyper-parameters and divergence messages carry it. The arguments of :attr:`FIXED_ON_RESUME` and a switch
+        between the generic and the fused path raise a ``ValueError`` naming the argument and both values.
+        """
+        saved = checkpoint.get("hyper_parameters") or {}
+        for name in self.FIXED_ON_RESUME:
+            if name in saved and saved[name] != self.hparams[name]:
+                raise ValueError(
+                    f"TwoLayerLinear: resuming with {name}={self.hparams[name]!r}, but the checkpoint was trained with "
+                    f"{name}={saved[name]!r}; a resume cannot change `{name}`: resume with {name}={saved[name]!r} "
+                    "or start a new run."
+                )
+        state = checkpoint.get("state_dict", {})
+        # Replicas and steps_per_batch are equal by now: the backend alone decides whether the path changes.
+        saved_fused = saved.get("backend") != "autograd" and not (
+            saved.get("backend") == "auto" and self.hparams.replicas is None and self.steps_per_batch == 1
+        )
+        if "backend" in saved and saved_fused != self.fused:
+            raise ValueError(
+                f"TwoLayerLinear: resuming with backend={self.hparams.backend!r} (the {'fused' if self.fused else 'generic'}"
+                f" path), but the checkpoint was written by the {'fused' if saved_fused else 'generic'} path "
+                f"(backend={saved['backend']!r}); resume with backend={saved['backend']!r}."
+            )
+        old = state.get("lr_per_replica")
+        if old is not None and not torch.equal(old.cpu(), self.lr_per_replica.cpu()):
+            rank_zero_warn(
+                f"TwoLayerLinear: resuming with lr={self.hparams.lr!r} (the value asked for); the checkpoint was trained"
+                f" with lr={saved.get('lr', old.tolist())!r}. Training continues at lr={self.hparams.lr!r}."
+            )
+            state["lr_per_replica"] = self.lr_per_replica.detach().clone().to(old.device)
+            for optimizer_state in checkpoint.get("optimizer_states") or []:
+                for group in optimizer_state.get("param_groups", []):
+                    group["lr"] = float(self.hparams.lr)  # the generic path: one unstacked network, one rate
 
     # -- measurements (see recorder.py) ---------------------------------------------------------
     @torch.no_grad()

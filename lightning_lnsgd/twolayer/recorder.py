@@ -10,6 +10,7 @@ import torch
 from ..callbacks.label_noise import LabelNoise
 from ..compat import trainer_of
 from ..metrics import lazy_distance
+from ..strategies import sam_settings
 from . import functional as F
 from .dynamics import two_layer_dynamics
 
@@ -127,25 +128,58 @@ class Recorder:
             logger.log_metrics(values, step=step)
 
     def raise_divergence(self, step: int, replicas: list[int] | None = None) -> None:
-        """Raises :class:`DivergenceError` naming the step, the replicas and the η and σ in force."""
+        """Raises :class:`DivergenceError` naming the step, the replicas and what is in play: the step size η in
+        force, the label-noise level σ when noise is on at ``step``, SAM's radius ρ when a SAM strategy runs."""
         model = self.model
-        sigma = None
         trainer = trainer_of(model)
+        eta = _worst(self.step_size(), replicas)
+        noise = None  # (symbol, level in force) of an active LabelNoise
         for cb in trainer.callbacks if trainer is not None else []:
             if isinstance(cb, LabelNoise):
-                sigma = cb.level_at(step)
-                if replicas and isinstance(cb.sigma, list):
-                    sigma = max(cb.sigma[r] for r in replicas) * cb.schedule_factor(step)
-        eta = model.hparams.lr
-        if replicas and isinstance(eta, list):
-            eta = max(eta[r] for r in replicas)
-        eta_s = f"{eta:g}" if isinstance(eta, (int, float)) else str(eta)
-        noise = f"σ={sigma:g}" if sigma is not None else "σ=0 (no LabelNoise callback)"
-        product = f", η·σ={eta * sigma:g}" if sigma and isinstance(eta, (int, float)) else ""
+                level = cb.sigma if cb.kind != "flip" else cb.level
+                level = _worst(level, replicas) * cb.schedule_factor(step)
+                if level > 0:
+                    noise = ("τ" if cb.kind == "flip" else "σ", level)
+        sam = sam_settings(trainer.strategy) if trainer is not None else None
+        rho = _worst(sam[0], replicas) if sam is not None else None
+        where = f" in replicas {replicas}" if replicas else ""
+        in_play = [f"η={eta:g}"]
+        if noise is not None:
+            in_play.append(f"{noise[0]}={noise[1]:g}")
+            if noise[0] == "σ":
+                in_play.append(f"η·σ={eta * noise[1]:g}")
+        if rho is not None:
+            in_play.append(f"SAM ρ={rho:g}")
+        knobs = ["`model.lr`"]
+        if noise is not None:
+            knobs.append(f"LabelNoise's `{'sigma' if noise[0] == 'σ' else 'flip_prob'}`")
+        if rho is not None:
+            knobs.append("the SAM strategy's `rho`")
+        if noise is not None and noise[0] == "σ":
+            cause = "A step size η too large for the noise level σ (η·σ too large) is the usual cause"
+        elif noise is not None:
+            cause = "A step size η too large is the usual cause"
+        else:
+            cause = "The step size η is too large for clean SGD on this data (no label noise is in play)"
+        if rho is not None:
+            cause += ", or a SAM radius ρ too large for it"
         raise DivergenceError(
-            f"Training diverged: non-finite loss or weights at step {step}"
-            + (f" in replicas {replicas}" if replicas else "")
-            + f" with η={eta_s}, {noise}{product}. "
-            "A step size η too large for the noise level σ (η·σ too large) is the usual cause; lower `model.lr` "
-            "or the noise level."
+            f"Training diverged: non-finite loss or weights at step {step}{where} with {', '.join(in_play)}. "
+            f"{cause}; lower {' or '.join(knobs)}."
         )
+
+    def step_size(self) -> float | list[float]:
+        """The step size η in force (one per replica with replicas): the optimizer's on the generic path, the
+        ``lr_per_replica`` buffer the fused engine steps with otherwise."""
+        trainer = trainer_of(self.model)
+        if not self.model.fused and trainer is not None and trainer.optimizers:
+            return float(trainer.optimizers[0].param_groups[0]["lr"])
+        lr = self.model.lr_per_replica.detach().cpu()
+        return float(lr) if lr.ndim == 0 else [float(v) for v in lr]
+
+
+def _worst(value: float | list[float], replicas: list[int] | None) -> float:
+    """``value``, or with one value per replica the largest over ``replicas`` (all of them when ``None``)."""
+    if not isinstance(value, (list, tuple)):
+        return float(value)
+    return max(float(value[r]) for r in (replicas if replicas else range(len(value))))
