@@ -173,6 +173,10 @@ class PruningCurve(Callback):
         params = self._params(pl_module)
         saved = [p.detach().clone() for p in params]
         curve: dict[float, float] = {}
+        stage = trainer.state.stage
+        # validation_step sees what a validation loop would show it: the module in eval mode and the trainer
+        # validating (not training), through Trainer's public stage setter; the stage is put back afterwards.
+        trainer.validating = True
         try:
             with eval_mode(pl_module):
                 for alpha in self.kept_fractions:
@@ -183,6 +187,7 @@ class PruningCurve(Callback):
                     for p, s in zip(params, saved):
                         p.copy_(s)
         finally:
+            trainer.state.stage = stage
             for p, s in zip(params, saved):
                 p.copy_(s)
         self.curve = curve

@@ -53,10 +53,14 @@ def test_evaluate_restores_weights_modes_and_metric_state(lightning: ModuleType,
     model.train()
     modes = []
     step = model.validation_step
-    model.validation_step = lambda *a: (modes.append(model.training), step(*a))[1]
+    stages = []
+    model.validation_step = lambda *a: (modes.append(model.training), stages.append(
+        (trainer.validating, trainer.training)), step(*a))[2]
+    stage_before = trainer.state.stage
     loss_curve = PruningCurve(kept_fractions=[0.3, 1.0], monitor="val/loss").evaluate(trainer, model)
     del model.validation_step
     assert modes and not any(modes)  # evaluated in eval mode
+    assert set(stages) == {(True, False)} and trainer.state.stage == stage_before  # a validating trainer, restored
     assert model.training and model.backbone.fc1.training  # each module back in its own mode
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # bit for bit
     assert all(torch.equal(metric_state[k], v) for k, v in model.val_acc.metric_state.items())
