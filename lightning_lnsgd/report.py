@@ -61,21 +61,21 @@ def check_event_file(path: str | os.PathLike) -> str | None:
     """
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            pos, records = 0, 0
+            # Only the record headers are read: the payloads are skipped by their declared length.
+            while size - pos >= 12:
+                f.seek(pos)
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > size - pos - 16:
+                    break
+                pos += 16 + length
+                records += 1
     except OSError as err:
         return f"cannot be read ({err.strerror or err})"
-    pos, records = 0, 0
-    while pos < len(data):
-        if len(data) - pos < 12:
-            break
-        (length,) = struct.unpack_from("<Q", data, pos)
-        if length > len(data) - pos - 16:
-            break
-        pos += 16 + length
-        records += 1
-    if pos == len(data):
+    if pos == size:
         return None
-    return f"is truncated or corrupt: {len(data) - pos} of its {len(data)} bytes, after {records} complete records, cannot be read"
+    return f"is truncated or corrupt: {size - pos} of its {size} bytes, after {records} complete records, cannot be read"
 
 
 def event_dirs(run_dir: str | os.PathLike) -> list[Path]:

@@ -102,6 +102,11 @@ def tensorboards(trainer: Any) -> list[Any]:
     return [lg.experiment for lg in trainer.loggers if compat.is_tensorboard_logger(lg)]
 
 
+def logging_interval(trainer: Any, every_n_steps: int | None) -> int:
+    """A callback's logging period in SGD steps: its own ``every_n_steps``, else ``trainer.log_every_n_steps``."""
+    return trainer.log_every_n_steps if every_n_steps is None else every_n_steps
+
+
 def log_scalars(trainer: Any, values: dict[str, torch.Tensor | float], step: int) -> dict[str, float]:
     """Logs 0-dim tensors or floats to every logger of ``trainer`` at ``step``; returns them as floats."""
     if not values:
@@ -130,10 +135,3 @@ def log_figure(trainer: Any, tag: str, figure: Any, step: int) -> None:
             writer.add_figure(tag, figure, step, close=False)
     finally:
         plt.close(figure)
-
-
-def is_sam_perturbed_pass(trainer: Any) -> bool:
-    """Whether the current pass runs at SAM's perturbed weights w + ε (see :mod:`lightning_lnsgd.strategies.sam`)."""
-    from ..strategies.sam import is_perturbed_pass
-
-    return bool(is_perturbed_pass(trainer))

@@ -23,10 +23,10 @@ from ..metrics import (
     outgoing_norms,
 )
 from ._common import (
-    is_sam_perturbed_pass,
     log_figure,
     log_histograms,
     log_scalars,
+    logging_interval,
     resolve_weights,
 )
 from ._figures import neuron_scatter
@@ -262,7 +262,7 @@ class DynamicsMonitor(Callback):
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _every(self, trainer: Trainer) -> int:
-        return trainer.log_every_n_steps if self.every_n_steps is None else self.every_n_steps
+        return logging_interval(trainer, self.every_n_steps)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step == 0:
@@ -278,8 +278,6 @@ class DynamicsMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if is_sam_perturbed_pass(trainer):  # never the case after the step; guards future call sites
-            return
         step, every = trainer.global_step, self._every(trainer)
         due = every > 0 and step % every == 0
         if (due or step in self.scatter_steps) and step != self._last_logged:

@@ -26,7 +26,7 @@ from ..metrics.functional.laziness import (
     num_examples,
     parameters_and_buffers,
 )
-from ._common import log_scalars, validation_loaders
+from ._common import log_scalars, logging_interval, validation_loaders
 
 __all__ = ["Laziness", "empirical_ntk", "kernel_distance", "linearization_gap"]
 
@@ -174,7 +174,7 @@ class Laziness(Callback):
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _every(self, trainer: Trainer) -> int:
-        return trainer.log_every_n_steps if self.every_n_steps is None else self.every_n_steps
+        return logging_interval(trainer, self.every_n_steps)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -94,7 +94,7 @@ class TwoLayerLinear(pl.LightningModule):
         for name, given, values in (("init_scale", init_scale, scales), ("lr", lr, rates)):
             if not all(math.isfinite(v) and v > 0 for v in values):
                 raise ValueError(f"TwoLayerLinear: `{name}` must be finite and > 0 (or a list of such), got {given!r}.")
-        self.fused = backend != "autograd" and not (backend == "auto" and K is None and steps_per_batch == 1)
+        self.fused = _fused(backend, K, steps_per_batch)
         if backend == "autograd" and (K is not None or steps_per_batch > 1):
             raise ValueError(
                 "TwoLayerLinear: backend='autograd' runs one unstacked network one step at a time; with "
@@ -262,9 +262,7 @@ class TwoLayerLinear(pl.LightningModule):
                 )
         state = checkpoint.get("state_dict", {})
         # Replicas and steps_per_batch are equal by now: the backend alone decides whether the path changes.
-        saved_fused = saved.get("backend") != "autograd" and not (
-            saved.get("backend") == "auto" and self.hparams.replicas is None and self.steps_per_batch == 1
-        )
+        saved_fused = _fused(saved.get("backend"), self.hparams.replicas, self.steps_per_batch)
         if "backend" in saved and saved_fused != self.fused:
             raise ValueError(
                 f"TwoLayerLinear: resuming with backend={self.hparams.backend!r} (the {'fused' if self.fused else 'generic'}"
@@ -291,6 +289,11 @@ class TwoLayerLinear(pl.LightningModule):
         With replicas each value has shape ``(…, K)``.
         """
         return self.recorder.values(self.W if W is None else W, self.a if a is None else a)
+
+
+def _fused(backend: str | None, replicas: int | None, steps_per_batch: int) -> bool:
+    """Whether a TwoLayerLinear with these arguments runs the fused path (see its ``backend`` argument)."""
+    return backend != "autograd" and not (backend == "auto" and replicas is None and steps_per_batch == 1)
 
 
 def _replica_list(seeds: Sequence[int] | None, K: int, seed: int) -> list[int]:
