@@ -7,6 +7,13 @@ so the ratios project/anchor are meaningful on a shared, noisy machine; absolute
     python benchmarks/throughput.py                 # CPU: anchors, fit paths, ratios
     python benchmarks/throughput.py --device cuda   # GPU: adds the CUDA-graph anchor, 4096 replicas
     python benchmarks/throughput.py --quick         # fewer steps, for a smoke test
+    python benchmarks/throughput.py --shipped       # only: the shipped CLI jobs against the kernel and the C yardstick
+
+``--shipped`` times what a user runs, ``python -m lightning_lnsgd fit --config configs/<job>.yaml`` with its logging,
+checks and checkpoints as shipped, by difference: a long run minus a short one of the same job cancels start-up, and
+(long − short steps) / (long − short seconds) is the job's marginal rate. In the same command: the C yardstick, the
+numba kernel alone (one run, and the sweep's 16 replicas), and the first run of the main job with an empty numba
+cache (``NUMBA_CACHE_DIR`` a new folder) against a second, warm run.
 
 Anchors: an autograd loop, a closed-form loop, a stacked-replica closed-form loop and (GPU) a
 CUDA graph of 100 closed-form steps, all hand-written here. Project: `Trainer.fit` of
@@ -153,13 +160,83 @@ def memory_check(steps: int = 1_000_000) -> list[tuple[int, float]]:
     return samples
 
 
+def _cli_seconds(config: str, steps: int, root: str, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of ``python -m lightning_lnsgd fit --config configs/<config>.yaml`` for ``steps`` SGD steps."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "lightning_lnsgd", "fit", "--config", f"configs/{config}.yaml",
+           "--trainer.max_steps", str(steps), "--trainer.default_root_dir", root]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def shipped(repeat: int = 2) -> None:
+    """The shipped jobs' marginal rates against the kernel alone and the C yardstick, and cold against warm start."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kernels import bench_c, bench_kernel
+
+    tmp = tempfile.mkdtemp(prefix="lnsgd_shipped_")
+    try:
+        cold_cache = os.path.join(tmp, "numba_cache")
+        env = {"NUMBA_CACHE_DIR": cold_cache}
+        cold = _cli_seconds("label_noise_sgd", 200_000, os.path.join(tmp, "cold"), env)
+        warm = min(_cli_seconds("label_noise_sgd", 200_000, os.path.join(tmp, f"warm{i}"), env) for i in range(repeat))
+        c = bench_c(100_000, 3)
+        kernel_1 = bench_kernel("numba", 1, 100_000, 3)[0]
+        kernel_16 = bench_kernel("numba", 16, 20_000, 3)[0]
+
+        def marginal(config: str, short: int, long: int, replicas: int) -> float:
+            best = float("inf")
+            for i in range(repeat):
+                t_short = _cli_seconds(config, short, os.path.join(tmp, f"{config}_s{i}"), env)
+                t_long = _cli_seconds(config, long, os.path.join(tmp, f"{config}_l{i}"), env)
+                best = min(best, (t_long - t_short) / (long - short))
+            return replicas / best
+
+        main_job = marginal("label_noise_sgd", 200_000, 2_200_000, 1)
+        sweep = marginal("sweep_sigma", 100_000, 600_000, 16)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = [("yardstick: C loop (shared/anchors/limit_cpu.c)", c[0] if c else float("nan"), "steps/s"),
+            ("numba kernel alone, one run", kernel_1, "steps/s"),
+            ("numba kernel alone, 16 replicas", kernel_16, "replica-steps/s"),
+            ("label_noise_sgd.yaml, marginal (2.2M − 0.2M steps)", main_job, "steps/s"),
+            ("sweep_sigma.yaml, marginal (0.6M − 0.1M steps, 16 replicas)", sweep, "replica-steps/s")]
+    for name, value, unit in rows:
+        print(f"{name:<62} {value:>14,.0f} {unit}")
+    if c:
+        print(f"  main job / C yardstick {main_job / c[0]:27.2f}x   (target ≥ 2)")
+    print(f"  main job / kernel alone {main_job / kernel_1:26.2f}x")
+    print(f"  sweep / kernel alone on 16 replicas {sweep / kernel_16:14.2f}x   (target ≥ 0.5)")
+    print(f"first run, empty numba cache: {cold:.1f} s; warm run (best of {repeat}): {warm:.1f} s; "
+          f"ratio {cold / warm:.2f}x   (target ≤ 1.5)")
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke test, not a measurement")
     parser.add_argument("--replicas", type=int, default=None, help="stacked replicas (default 64 CPU, 4096 GPU)")
     parser.add_argument("--memory", action="store_true", help="only: resident memory over a 1M-step fused fit")
+    parser.add_argument("--shipped", action="store_true", help="only: the shipped CLI jobs, marginal rates and cold start")
     args = parser.parse_args(argv)
+    if args.shipped:
+        shipped()
+        return []
     if args.memory:
         for step, mib in memory_check():
             print(f"step {step:>9,}: RSS {mib:8.1f} MiB")

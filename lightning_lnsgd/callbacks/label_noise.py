@@ -298,7 +298,8 @@ class LabelNoise(Callback):
         lead = 0 if layout is None else len(layout.leading_shape)  # leading (R?, k) axes of the label
         first = 0 if trainer is None else int(trainer.global_step)  # counts SGD steps on every path (protocol)
         factors = self.schedule.factors(first, k)
-        levels = [self.level * f for f in factors]
+        full_level = self.level  # a property: read once, not once per SGD step
+        levels = [full_level * f for f in factors]
         self._last = {"levels": levels, "first": first, "k": k, "step_axis": lead - 1 if lead else None}
 
         path, labels = locate(batch, self.target)

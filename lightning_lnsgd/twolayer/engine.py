@@ -12,18 +12,20 @@ one per Lightning step.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..compat import add_optimizer_steps
+from ..compat import add_optimizer_steps, rank_zero_info
 from ..strategies import sam_settings
 from . import kernels
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import TwoLayerLinear
 
-__all__ = ["FusedEngine", "HONOURED_PRECISIONS", "refuse_unsupported_settings"]
+__all__ = ["FusedEngine", "HONOURED_PRECISIONS", "prepare_kernel", "refuse_unsupported_settings"]
 
 #: Trainer precisions the fused path honours: it computes in the weights' dtype, which these set (``16-true`` and
 #: ``bf16-true`` only on the torch backend; the numba and triton kernels compute in float32 or float64).
@@ -89,6 +91,14 @@ class FusedEngine:
         if isinstance(self.sam_rho, list):  # one ρ per replica: the strategy checked the count at setup
             self.sam_rho = torch.tensor(self.sam_rho, dtype=model.W.dtype, device=model.W.device)
         lr = model.lr_per_replica
+        replicas = "one network" if model.replica_seeds is None else f"{len(model.replica_seeds)} stacked replicas"
+        rank_zero_info(
+            f"TwoLayerLinear: the fused path on the {self.backend} backend ({model.W.device.type}), {replicas}, "
+            f"{'SAM' if self.sam_rho is not None else 'SGD'} in closed form, up to {model.steps_per_batch} SGD steps per"
+            " Lightning step; W and a are updated by the engine, not by a torch optimizer, and global_step counts SGD"
+            " steps."
+        )
+        prepare_kernel(self.backend, model.W.dtype, self.sam_rho is not None)
         self.lr: float | torch.Tensor = float(lr) if lr.ndim == 0 else lr
         self._pending: list[tuple[list[int], dict[str, torch.Tensor]]] = []
         # Host-side: does some replica still wait for its escape step? Read at flush; once every replica has
@@ -157,6 +167,31 @@ class FusedEngine:
             # For StepProgressBar (Lightning's self.log costs ~1 ms a call, more than 1000 fused steps).
             model.progress_metrics = {"loss": last["train/loss"]}
         self._pending.clear()
+
+
+#: Seconds a kernel may take to get ready before the user is told that it is being compiled.
+COMPILE_NOTICE_AFTER = 1.0
+
+
+def prepare_kernel(backend: str, dtype: torch.dtype, sam: bool) -> None:
+    """Gets ``backend``'s kernel ready before the first step (see :func:`kernels.prepare`). When that takes longer
+    than :data:`COMPILE_NOTICE_AFTER` (numba compiling on a first run, rather than loading its cache), a log line says
+    so while it happens, and another how long it took, so that a first run does not look hung."""
+    notice = threading.Timer(
+        COMPILE_NOTICE_AFTER, rank_zero_info,
+        (f"TwoLayerLinear: compiling the {backend} kernel (a few seconds, on the first run only: later runs load it "
+         "from the disk cache) ...",),
+    )
+    notice.daemon = True
+    start = time.perf_counter()
+    notice.start()
+    try:
+        kernels.prepare(backend, dtype, sam)
+    finally:
+        notice.cancel()
+    elapsed = time.perf_counter() - start
+    if elapsed > COMPILE_NOTICE_AFTER:
+        rank_zero_info(f"TwoLayerLinear: the {backend} kernel was ready after {elapsed:.1f} s.")
 
 
 def _select(t: torch.Tensor, idx: list[int]) -> torch.Tensor:

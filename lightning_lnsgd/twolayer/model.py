@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -194,7 +195,18 @@ class TwoLayerLinear(pl.LightningModule):
             engine.refuse_unsupported_settings(self, self.trainer)
         return []
 
+    #: Lightning's start-up warnings that misdescribe the fused path, which has no torch optimizer by design and counts
+    #: ``log_every_n_steps`` in SGD steps, not in batches; silenced during its fits only.
+    FUSED_PATH_MISREADINGS = (
+        r"`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer",
+        r"The number of training batches \(\d+\) is smaller than the logging interval",
+    )
+
     def setup(self, stage: str) -> None:
+        if self.fused and stage == "fit":
+            for message in self.FUSED_PATH_MISREADINGS:
+                warnings.filterwarnings("ignore", message=message)
+
         # Checked before the strategy wraps the module: DDP would fail first, with a less useful message.
         if self.fused and stage == "fit" and self.trainer.world_size > 1:
             raise ValueError(
@@ -202,6 +214,11 @@ class TwoLayerLinear(pl.LightningModule):
                 f"steps_per_batch={self.steps_per_batch}) runs on one device; got world_size={self.trainer.world_size}."
                 " Use backend='autograd' for DDP, or stack the runs as replicas on one device."
             )
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":  # the filters must not hide these warnings from other modules' fits in this process
+            warnings.filters[:] = [f for f in warnings.filters
+                                   if not (f[0] == "ignore" and getattr(f[1], "pattern", None) in self.FUSED_PATH_MISREADINGS)]
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

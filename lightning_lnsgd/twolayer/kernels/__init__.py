@@ -19,10 +19,11 @@ Backends:
 
 * ``"torch"``: the reference: a loop over the steps calling :func:`lightning_lnsgd.functional.grads` on the stacked
   replicas; any device and float dtype.
-* ``"numba"``: CPU, float32/float64, replicas in parallel with ``prange``. Every neuron's step is the same linear map
+* ``"numba"``: CPU, float32/float64, blocks of replicas in parallel on numba's thread count. Every neuron's step is the same linear map
   of (wᵢ, aᵢ), so the kernel steps the (d+1)² second moments and the product of those maps, O(d²) a step whatever the
   width, and applies the product to W at snapshots and at the end (see :mod:`lightning_lnsgd.kernels.numba_cpu`).
-  Compiled on first use (cached on disk).
+  Compiled on first use, only the specialisation in use (dtype; SGD or SAM), and cached on disk; :func:`prepare`
+  does it ahead of the first step.
 * ``"triton"``: CUDA, float32/float64, one program per replica with ``W`` and ``a`` held on chip across all ``k``
   steps (see :mod:`lightning_lnsgd.kernels.triton_gpu`; limit: ``pow2(m)·pow2(d) ≤ 32768`` in float32).
 * ``"auto"``: triton for CUDA tensors when triton is installed, numba for CPU tensors when numba is installed and
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from .. import functional as F
 
-__all__ = ["available_backends", "resolve_backend", "run_steps", "run_steps_torch"]
+__all__ = ["available_backends", "prepare", "resolve_backend", "run_steps", "run_steps_torch"]
 
 _BACKENDS = ("auto", "torch", "numba", "triton")
 SAM_EPS = 1e-12
@@ -97,6 +98,15 @@ def resolve_backend(backend: str, device: torch.device, width_dim: Optional[tupl
                 "(CPU tensors only under TRITON_INTERPRET=1, for tests); use backend='numba' or 'torch'."
             )
     return backend
+
+
+def prepare(backend: str, dtype: torch.dtype, sam: bool) -> None:
+    """Compiles (or loads from the disk cache) what ``backend`` will run for weights of ``dtype``, SGD or SAM: the
+    numba kernel's specialisation; nothing for the torch backend, and triton compiles at its first launch."""
+    if backend == "numba":
+        from . import numba_cpu
+
+        numba_cpu.prepare(torch.empty(0, dtype=dtype).numpy().dtype, sam)
 
 
 def _per_replica(v: Union[float, Tensor], R: int, like: Tensor, name: str) -> Tensor:

@@ -1,7 +1,8 @@
 """Numba CPU kernel for :func:`lightning_lnsgd.kernels.run_steps` (imported lazily: needs ``numba``).
 
-The kernel runs ``k`` steps for each replica ``r`` of ``W`` ``(R, m, d)`` and ``a`` ``(R, m)`` in place, replicas in
-parallel (``prange``), steps in order. Inputs are NumPy views of the torch tensors, all of one float dtype (float32 or
+The kernel runs ``k`` steps for each replica ``r`` of ``W`` ``(R, m, d)`` and ``a`` ``(R, m)`` in place, steps in
+order; blocks of replicas run in parallel on Python threads (the compiled function releases the GIL), as many as
+``numba.get_num_threads()`` (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``). Inputs are NumPy views of the torch tensors, all of one float dtype (float32 or
 float64; one compiled specialisation each). ``x`` is ``(Rx, k, B, d)`` and ``y`` ``(Rx, k, B)`` with ``Rx == R`` or
 ``Rx == 1`` (one sample stream shared by all replicas); ``lr`` and ``rho`` are ``(R,)``.
 
@@ -30,6 +31,11 @@ Snapshots: the kernel takes ``snap`` ``(S,)`` (increasing step counts in 1..k) a
 none). This lets the engine run all k steps of a Lightning step in one call and still read the weights on its
 escape-check and logging grids.
 
+Compile time: the whole step is one compiled function with no compiled helpers and no ``parallel=True`` (each
+helper and numba's parallel pass add seconds of compilation on a first run and nothing to the speed), and SGD and
+SAM are two specialisations of it: ``rho`` is ``None`` for SGD, which numba prunes at compile time, so a run compiles
+only the one it uses. Both are cached on disk (``cache=True``; ``NUMBA_CACHE_DIR`` moves the cache).
+
 ``fastmath`` is limited to re-association and FMA contraction (no ``nnan``/``ninf``/approximate reciprocals): that
 changes results only at the rounding level and keeps NaN/inf propagation (a diverging run ends with non-finite
 weights, which the model reports).
@@ -37,190 +43,219 @@ weights, which the model reports).
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+import math
+from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run", "steps"]
+import numpy as np
+from numba import get_num_threads, njit
+
+__all__ = ["prepare", "run", "steps"]
 
 _FM = {"reassoc", "contract", "nsz"}
-_OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-_INLINE = dict(inline="always", cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-
-
-@njit(**_INLINE)
-def _gradient(g, theta_col, xs, ys, d):  # pragma: no cover - compiled
-    """``g[:d] = (1/B) Σ_b (θ·x_b − y_b) x_b`` with θ = ``theta_col[:d]``; ``g[d] = 0``."""
-    B = xs.shape[0]
-    for j in range(d + 1):
-        g[j] = 0.0
-    for b in range(B):
-        pred = 0.0
-        for j in range(d):
-            pred += theta_col[j] * xs[b, j]
-        res = pred - ys[b]
-        for j in range(d):
-            g[j] += res * xs[b, j]
-    for j in range(d):
-        g[j] = g[j] / B
-
-
-@njit(**_INLINE)
-def _matvec(out, S, vec):  # pragma: no cover - compiled
-    n = S.shape[0]
-    for p in range(n):
-        acc = 0.0
-        for q in range(n):
-            acc += S[p, q] * vec[q]
-        out[p] = acc
-
-
-@njit(**_INLINE)
-def _dot(u, v):  # pragma: no cover - compiled
-    acc = 0.0
-    for p in range(u.shape[0]):
-        acc += u[p] * v[p]
-    return acc
-
-
-@njit(**_INLINE)
-def _apply(P, W, a, OW, OA, d):  # pragma: no cover - compiled
-    """``(OW[i], OA[i]) = P (W[i], a[i])`` for every neuron i (OW/OA may be W/a: each zᵢ is read before it is written).
-
-    Accumulates ``Σ_q z_q P[:, q]`` (axpys over a column of P, SIMD across the outputs) rather than one dot product
-    per output, which would end in a horizontal sum each."""
-    D = d + 1
-    PT = np.empty((D, D))
-    for p in range(D):
-        for q in range(D):
-            PT[q, p] = P[p, q]
-    acc = np.empty(D)
-    for i in range(W.shape[0]):
-        for p in range(D):
-            acc[p] = 0.0
-        for q in range(d):
-            zq = np.float64(W[i, q])
-            for p in range(D):
-                acc[p] += zq * PT[q, p]
-        zq = np.float64(a[i])
-        for p in range(D):
-            acc[p] += zq * PT[d, p]
-        for p in range(d):
-            OW[i, p] = acc[p]
-        OA[i] = acc[d]
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r):  # pragma: no cover - compiled
-    """The k steps of replica r (see the module docstring)."""
+def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, scratch, first, last):  # pragma: no cover - compiled
+    """k SGD (``rho`` None) or SAM steps on replicas ``first`` … ``last − 1`` (see the module docstring).
+
+    ``scratch`` ``(R, L)`` float64, one padded row per replica: S, P, Pᵀ and 11 vectors of length d + 1."""
     _, m, d = W.shape
     k = x.shape[1]
+    B = x.shape[2]
     D = d + 1
-    xr = np.int64(0) if x.shape[0] == 1 else np.int64(r)
-    eta = np.float64(lr[r])
-    rr = np.float64(rho[r])
-    # Allocated per replica, by the thread that runs it: with one (R, …) array, two threads would write the
-    # cache line that two neighbouring replicas share at every step (measured: 2 replicas no faster than 1).
-    Sr = np.empty((D, D))
-    Pr = np.empty((D, D))
-    Vr = np.empty((10, D))
-    g, gp, e, f, se, sf, X, Y, eP, fP = Vr[0], Vr[1], Vr[2], Vr[3], Vr[4], Vr[5], Vr[6], Vr[7], Vr[8], Vr[9]
-    zi = X  # scratch: one neuron's (w, a) while S is summed (X is free before the first step)
-    for p in range(D):
-        for q in range(D):
-            Sr[p, q] = 0.0
-            Pr[p, q] = 0.0
-        Pr[p, p] = 1.0
-    for i in range(m):
-        for p in range(d):
-            zi[p] = W[r, i, p]
-        zi[d] = a[r, i]
-        for p in range(D):
-            zp = zi[p]
-            for q in range(D):
-                Sr[p, q] += zp * zi[q]
-    si = 0
-    for t in range(k):
-        xs = x[xr, t]
-        ys = y[xr, t]
-        _gradient(g, Sr[:d, d], xs, ys, d)  # g = (g, 0) is u
-        for p in range(D):
-            e[p] = 0.0
-        e[d] = 1.0
-        if sam:
-            _matvec(se, Sr, g)  # S u
-            nrm2 = Sr[d, d] * _dot(g, g) + _dot(g, se)  # ‖a‖²‖g‖² + gᵀWᵀWg
-            c = rr / (np.sqrt(nrm2) + eps) if normalize else rr
-            if nrm2 == 0.0:  # ∇ = 0: no perturbation whatever c is, and a huge c would only overflow P
-                c = 0.0
-            for p in range(d):
-                e[p] = c * g[p]  # e = v + c u
-            _matvec(se, Sr, e)
-            for p in range(d):
-                eP[p] = se[p] + c * g[p] * se[d]  # θ' = column d of (I + cU) S (I + cU)ᵀ
-            _gradient(gp, eP, xs, ys, d)  # u' = (g', 0)
-            for p in range(D):
-                f[p] = gp[p]
-            f[d] = c * _dot(gp, g)
-        else:
-            for p in range(D):
-                gp[p] = g[p]
-                f[p] = g[p]
-                se[p] = Sr[p, d]
-        _matvec(sf, Sr, f)
-        EE = _dot(e, se)
-        FF = _dot(f, sf)
-        GG = _dot(e, sf)
+    for r in range(first, last):
+        xr = 0 if x.shape[0] == 1 else r
+        eta = float(lr[r])
         e2 = eta * eta
+        S = scratch[r, 0 : D * D].reshape((D, D))
+        P = scratch[r, D * D : 2 * D * D].reshape((D, D))
+        PT = scratch[r, 2 * D * D : 3 * D * D].reshape((D, D))
+        V = scratch[r, 3 * D * D : 3 * D * D + 11 * D].reshape((11, D))
+        g, gp, e, f, se, sf, X, Y, eP, fP, acc = V[0], V[1], V[2], V[3], V[4], V[5], V[6], V[7], V[8], V[9], V[10]
         for p in range(D):
-            Y[p] = -eta * se[p] + 0.5 * e2 * EE * gp[p]
-            X[p] = -eta * sf[p] + e2 * GG * gp[p]
-        X[d] += 0.5 * e2 * FF
-        # S ← M S Mᵀ = S + Y u'ᵀ + u' Yᵀ + X vᵀ + v Xᵀ
-        for p in range(D):
-            yp = Y[p]
-            up = gp[p]
             for q in range(D):
-                Sr[p, q] += yp * gp[q] + up * Y[q]
-        for p in range(D):
-            Sr[p, d] += X[p]
-        for p in range(D):
-            Sr[d, p] += X[p]
-        # P ← M P = P − η (u' (eᵀP) + v (fᵀP))
-        for q in range(D):
-            acc_e = 0.0
-            acc_f = 0.0
+                S[p, q] = 0.0
+                P[p, q] = 0.0
+            P[p, p] = 1.0
+        for i in range(m):  # S = Σᵢ zᵢ zᵢᵀ, zᵢ = (wᵢ, aᵢ)
+            for p in range(d):
+                acc[p] = W[r, i, p]
+            acc[d] = a[r, i]
             for p in range(D):
-                acc_e += e[p] * Pr[p, q]
-                acc_f += f[p] * Pr[p, q]
-            eP[q] = acc_e
-            fP[q] = acc_f
-        for p in range(d):
-            up = eta * gp[p]
+                zp = acc[p]
+                for q in range(D):
+                    S[p, q] += zp * acc[q]
+        si = 0
+        for t in range(k + 1):
+            while (si < snap.shape[0] and snap[si] == t) or t == k:
+                # (wᵢ, aᵢ) ← P (wᵢ, aᵢ): into the next snapshot buffers when step t is one, else (t = k) in place.
+                # Accumulated as axpys over the columns of P (SIMD across the outputs), not one dot product per output.
+                into = si < snap.shape[0] and snap[si] == t
+                for p in range(D):
+                    for q in range(D):
+                        PT[q, p] = P[p, q]
+                for i in range(m):
+                    for p in range(D):
+                        acc[p] = 0.0
+                    for q in range(d):
+                        zq = float(W[r, i, q])
+                        for p in range(D):
+                            acc[p] += zq * PT[q, p]
+                    zq = float(a[r, i])
+                    for p in range(D):
+                        acc[p] += zq * PT[d, p]
+                    if into:
+                        for p in range(d):
+                            SW[si, r, i, p] = acc[p]
+                        SA[si, r, i] = acc[d]
+                    else:
+                        for p in range(d):
+                            W[r, i, p] = acc[p]
+                        a[r, i] = acc[d]
+                if not into:
+                    break
+                si += 1
+            if t == k:
+                break
+            # u = (g, 0): g = (1/B) Σ_b (θ·x_b − y_b) x_b with θ = S[:d, d]
+            for j in range(D):
+                g[j] = 0.0
+            for b in range(B):
+                res = -float(y[xr, t, b])
+                for j in range(d):
+                    res += S[j, d] * x[xr, t, b, j]
+                for j in range(d):
+                    g[j] += res * x[xr, t, b, j]
+            for j in range(d):
+                g[j] = g[j] / B
+            if rho is not None:
+                # SAM: (I + cU) perturbs every neuron; e = v + c u, u' = (g', 0) the gradient at the perturbed θ'.
+                for p in range(D):
+                    acc_p = 0.0
+                    for q in range(d):
+                        acc_p += S[p, q] * g[q]
+                    se[p] = acc_p  # S u
+                gg = 0.0
+                gse = 0.0
+                for p in range(d):
+                    gg += g[p] * g[p]
+                    gse += g[p] * se[p]
+                nrm2 = S[d, d] * gg + gse  # ‖∇‖² = ‖a‖²‖g‖² + gᵀWᵀWg
+                rr = float(rho[r])
+                c = rr / (math.sqrt(nrm2) + eps) if normalize else rr
+                if nrm2 == 0.0:  # ∇ = 0: no perturbation whatever c is, and a huge c would only overflow P
+                    c = 0.0
+                for p in range(d):
+                    e[p] = c * g[p]
+                e[d] = 1.0
+                for p in range(D):
+                    acc_p = 0.0
+                    for q in range(D):
+                        acc_p += S[p, q] * e[q]
+                    se[p] = acc_p  # S e
+                for p in range(d):
+                    eP[p] = se[p] + c * g[p] * se[d]  # θ' = column d of (I + cU) S (I + cU)ᵀ
+                for j in range(D):
+                    gp[j] = 0.0
+                for b in range(B):
+                    res = -float(y[xr, t, b])
+                    for j in range(d):
+                        res += eP[j] * x[xr, t, b, j]
+                    for j in range(d):
+                        gp[j] += res * x[xr, t, b, j]
+                gpg = 0.0
+                for j in range(d):
+                    gp[j] = gp[j] / B
+                    gpg += gp[j] * g[j]
+                for p in range(d):
+                    f[p] = gp[p]
+                f[d] = c * gpg
+            else:
+                for p in range(D):
+                    e[p] = 0.0
+                    gp[p] = g[p]
+                    f[p] = g[p]
+                    se[p] = S[p, d]
+                e[d] = 1.0
+            for p in range(D):
+                acc_p = 0.0
+                for q in range(D):
+                    acc_p += S[p, q] * f[q]
+                sf[p] = acc_p  # S f
+            EE = 0.0
+            FF = 0.0
+            GG = 0.0
+            for p in range(D):
+                EE += e[p] * se[p]
+                FF += f[p] * sf[p]
+                GG += e[p] * sf[p]
+            for p in range(D):
+                Y[p] = -eta * se[p] + 0.5 * e2 * EE * gp[p]
+                X[p] = -eta * sf[p] + e2 * GG * gp[p]
+            X[d] += 0.5 * e2 * FF
+            # S ← M S Mᵀ = S + Y u'ᵀ + u' Yᵀ + X vᵀ + v Xᵀ
+            for p in range(D):
+                yp = Y[p]
+                up = gp[p]
+                for q in range(D):
+                    S[p, q] += yp * gp[q] + up * Y[q]
+            for p in range(D):
+                S[p, d] += X[p]
+            for p in range(D):
+                S[d, p] += X[p]
+            # P ← M P = P − η (u' (eᵀP) + v (fᵀP))
             for q in range(D):
-                Pr[p, q] -= up * eP[q]
-        for q in range(D):
-            Pr[d, q] -= eta * fP[q]
-        if si < snap.shape[0] and snap[si] == t + 1:
-            _apply(Pr, W[r], a[r], SW[si, r], SA[si, r], d)
-            si += 1
-    _apply(Pr, W[r], a[r], W[r], a[r], d)
+                acc_e = 0.0
+                acc_f = 0.0
+                for p in range(D):
+                    acc_e += e[p] * P[p, q]
+                    acc_f += f[p] * P[p, q]
+                eP[q] = acc_e
+                fP[q] = acc_f
+            for p in range(d):
+                up = eta * gp[p]
+                for q in range(D):
+                    P[p, q] -= up * eP[q]
+            for q in range(D):
+                P[d, q] -= eta * fP[q]
 
 
-@njit(**_OPTS)
-def steps(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA):  # pragma: no cover - compiled
-    """k SGD (``sam`` False) or SAM steps on every replica, replicas spread over numba's threads."""
-    for r in prange(W.shape[0]):
-        _replica(W, a, x, y, lr, rho, sam, normalize, eps, snap, SW, SA, r)
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lnsgd-numba")
+    return _POOL
+
+
+def prepare(dtype: np.dtype, sam: bool) -> None:
+    """Compiles the specialisation of :func:`steps` for weights of ``dtype`` (SGD, or SAM), or loads it from numba's
+    disk cache: a call on arrays of one element, so that a later call does not pause for it."""
+    W, a = np.zeros((1, 1, 1), dtype), np.zeros((1, 1), dtype)
+    x, y, lr = np.zeros((1, 0, 1, 1), dtype), np.zeros((1, 0, 1), dtype), np.zeros(1, dtype)
+    run(W, a, x, y, lr, lr if sam else None, True)
 
 
 def run(
     W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool, snapshots=None
 ) -> None:
     """Runs :func:`steps`. All arrays C-contiguous, one float dtype; ``rho`` None (SGD) or ``(R,)`` (SAM);
-    ``snapshots`` None or ``(snap, SW, SA)`` (see the module docstring)."""
+    ``snapshots`` None or ``(snap, SW, SA)`` (see the module docstring). Replicas are split into as many blocks as
+    there are numba threads, one thread each."""
     R, m, d = W.shape
     if snapshots is None:
         snapshots = (np.empty(0, np.int64), np.empty((0, R, m, d), W.dtype), np.empty((0, R, m), W.dtype))
-    sam = rho is not None
-    rho_arr = rho if sam else lr
-    steps(W, a, x, y, lr, rho_arr, sam, bool(normalize), 1e-12, *snapshots)
+    D = d + 1
+    # One row per replica, padded to whole 64-byte lines plus one: threads never write a line another thread uses.
+    width = -(-(3 * D * D + 11 * D) // 8) * 8 + 8
+    scratch = np.empty((R, width))
+    args = (W, a, x, y, lr, rho, bool(normalize), 1e-12, *snapshots, scratch)
+    threads = min(R, get_num_threads())
+    if threads <= 1:
+        steps(*args, 0, R)
+        return
+    bounds = np.linspace(0, R, threads + 1).astype(np.int64)
+    for future in [_pool(threads).submit(steps, *args, int(lo), int(hi)) for lo, hi in zip(bounds, bounds[1:])]:
+        future.result()
