@@ -256,3 +256,76 @@ def test_cuda_fit_never_syncs_in_the_engine_and_ends_at_the_cpu_weights(monkeypa
         assert len(calls) == 5
         error = (gpu.W.cpu().double() - reference.W.double()).norm() / reference.W.double().norm()
         assert error <= 1e-5, (backend, float(error))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# start-up: what the fused path says, and what it keeps Lightning from misreporting
+# ---------------------------------------------------------------------------------------------------------------------
+def test_fused_fit_start_says_what_runs_without_misleading_warnings(monkeypatch, tmp_path):
+    import warnings
+
+    from lightning_lnsgd.twolayer import engine
+
+    lines: list[str] = []
+    monkeypatch.setattr(engine, "rank_zero_info", lines.append)
+
+    def warned() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(backend="torch", replicas=2, steps_per_batch=10, every=500, logger=TensorBoardLogger(tmp_path))
+        return [str(w.message) for w in caught if "configure_optimizers" in str(w.message)
+                or "logging interval" in str(w.message)]
+
+    assert warned() == []
+    said = " ".join(lines)
+    assert "the fused path on the torch backend (cpu), 2 stacked replicas, SGD in closed form" in said
+    assert "up to 10 SGD steps per Lightning step" in said
+    monkeypatch.setattr(TwoLayerLinear, "FUSED_PATH_MISREADINGS", ())
+    assert len(warned()) == 2  # what the filters hold back: both warnings, as Lightning words them
+    # The filters end with the fit: the same warnings still reach another module's fit in this process.
+    from lightning_lnsgd.twolayer.model import TwoLayerLinear as Model
+
+    assert not any(getattr(f[1], "pattern", None) in Model.FUSED_PATH_MISREADINGS for f in __import__("warnings").filters)
+
+
+def test_a_slow_kernel_preparation_is_announced_while_it_runs(monkeypatch):
+    import time
+
+    from lightning_lnsgd.twolayer import engine, kernels
+
+    said: list[str] = []
+    monkeypatch.setattr(engine, "rank_zero_info", said.append)
+    monkeypatch.setattr(engine, "COMPILE_NOTICE_AFTER", 0.05)
+    seen_during: list[str] = []
+
+    def slow_prepare(backend, dtype, sam):
+        time.sleep(0.3)
+        seen_during.extend(said)
+
+    monkeypatch.setattr(kernels, "prepare", slow_prepare)
+    engine.prepare_kernel("numba", torch.float32, False)
+    assert any("compiling the numba kernel" in m for m in seen_during), seen_during  # said before it was done
+    assert any("the numba kernel was ready after" in m for m in said)
+
+    said.clear()
+    monkeypatch.setattr(kernels, "prepare", lambda *args: None)
+    engine.prepare_kernel("numba", torch.float32, False)
+    assert not said  # a cached kernel loads without a word
+
+
+@pytest.mark.skipif("numba" not in available_backends(), reason="numba not installed")
+def test_numba_replicas_on_threads_equal_one_thread(monkeypatch):
+    """Blocks of replicas run on threads; each replica's result does not depend on how many threads share them."""
+    from lightning_lnsgd.twolayer.kernels import numba_cpu, run_steps
+
+    gen = torch.Generator().manual_seed(0)
+    W0, a0 = torch.randn(5, 30, 4, generator=gen) / 2, torch.randn(5, 30, generator=gen) / 5
+    x, y = torch.randn(5, 200, 2, 4, generator=gen), torch.randn(5, 200, 2, generator=gen)
+    results = []
+    for threads in (1, 2, 5):
+        monkeypatch.setattr(numba_cpu, "get_num_threads", lambda n=threads: n)
+        W, a = W0.clone(), a0.clone()
+        run_steps(W, a, x, y, torch.tensor([1e-2, 2e-2, 1e-2, 5e-3, 1e-2]), backend="numba", snapshots=[50, 200])
+        results.append((W, a))
+    for W, a in results[1:]:
+        assert torch.equal(W, results[0][0]) and torch.equal(a, results[0][1])
