@@ -52,6 +52,7 @@ __all__ = [
     "package",
     "package_name",
     "pl",
+    "plain_summary_writer",
     "rank_zero_info",
     "redirect_log",
     "rank_zero_warn",
@@ -185,6 +186,21 @@ def is_lightning_module(obj: Any) -> bool:
 def is_tensorboard_logger(obj: Any) -> bool:
     """Whether ``obj`` is a ``TensorBoardLogger`` of any installed Lightning package."""
     return isinstance(obj, _of_every_package("loggers.TensorBoardLogger"))
+
+
+def plain_summary_writer(logger: Any) -> Any:
+    """The ``SummaryWriter`` that ``logger.log_metrics`` writes through, when writing to it directly writes the same
+    events: ``logger`` is a ``TensorBoardLogger`` of any installed package, without a tag prefix, on global rank 0.
+    ``None`` otherwise (then use ``logger.log_metrics``).
+
+    Internal: ``TensorBoardLogger`` keeps its ``prefix`` argument in ``_prefix``; a logger without that attribute is
+    treated as prefixed, so a release that renames it only costs speed.
+    """
+    if not is_tensorboard_logger(logger) or getattr(logger, "_prefix", "-") != "":
+        return None
+    if pl.utilities.rank_zero_only.rank != 0:
+        return None
+    return logger.experiment
 
 
 def misconfiguration_errors() -> tuple[type, ...]:

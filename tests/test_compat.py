@@ -142,3 +142,25 @@ def test_redirect_log_catches_log_and_log_dict_and_restores_the_method(lightning
         model.log_dict({"b": 2.0, "c": 3.0})
     assert seen == [("a", 1.0), ("b", 2.0), ("c", 3.0)]
     assert "log" not in model.__dict__ and model.log.__func__ is lightning.LightningModule.log
+
+
+def test_plain_summary_writer_writes_what_log_metrics_writes(lightning, tmp_path):
+    """The one-event-per-step write reads back exactly as Lightning's ``log_metrics``; a prefixed logger is left to
+    ``log_metrics`` (the internal ``_prefix`` must still exist, or every logger would take the slow path)."""
+    from lightning_lnsgd.callbacks._common import log_metrics
+    from tests.conftest import read_scalars
+
+    values = {"dynamics/a": 0.125, "train/loss": 3.5e-7, "x": -2.0}
+    plain = lightning.loggers.TensorBoardLogger(tmp_path / "plain", name="", version="")
+    reference = lightning.loggers.TensorBoardLogger(tmp_path / "reference", name="", version="")
+    prefixed = lightning.loggers.TensorBoardLogger(tmp_path / "prefixed", name="", version="", prefix="p")
+    assert compat.plain_summary_writer(plain) is plain.experiment
+    assert compat.plain_summary_writer(prefixed) is None and compat.plain_summary_writer(object()) is None
+    for step in (0, 7):
+        log_metrics(plain, values, step)
+        reference.log_metrics(values, step=step)
+        log_metrics(prefixed, values, step)
+    for lg in (plain, reference, prefixed):
+        lg.finalize("success")
+    assert read_scalars(tmp_path / "plain") == read_scalars(tmp_path / "reference")
+    assert set(read_scalars(tmp_path / "prefixed")) == {f"p-{tag}" for tag in values}

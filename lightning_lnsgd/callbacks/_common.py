@@ -107,6 +107,25 @@ def logging_interval(trainer: Any, every_n_steps: int | None) -> int:
     return trainer.log_every_n_steps if every_n_steps is None else every_n_steps
 
 
+def write_scalars(writer: Any, values: dict[str, float], step: int) -> None:
+    """Writes ``values`` into the TensorBoard ``SummaryWriter`` ``writer`` at ``step`` as one event holding a scalar
+    per tag: what one ``add_scalar`` per tag writes, read the same by TensorBoard, at a fraction of the cost."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    if values:
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+        writer.file_writer.add_summary(summary, step)
+
+
+def log_metrics(logger: Any, values: dict[str, float], step: int) -> None:
+    """``logger.log_metrics(values, step=step)``, as one event per step for a plain TensorBoard logger."""
+    writer = compat.plain_summary_writer(logger)
+    if writer is not None:
+        write_scalars(writer, values, step)
+    elif values:
+        logger.log_metrics(values, step=step)
+
+
 def log_scalars(trainer: Any, values: dict[str, torch.Tensor | float], step: int) -> dict[str, float]:
     """Logs 0-dim tensors or floats to every logger of ``trainer`` at ``step``; returns them as floats."""
     if not values:
@@ -115,7 +134,7 @@ def log_scalars(trainer: Any, values: dict[str, torch.Tensor | float], step: int
     floats = torch.stack([torch.as_tensor(v).detach().double().cpu().reshape(()) for v in values.values()]).tolist()
     out = dict(zip(values, floats))
     for lg in trainer.loggers:
-        lg.log_metrics(out, step=step)
+        log_metrics(lg, out, step)
     return out
 
 
