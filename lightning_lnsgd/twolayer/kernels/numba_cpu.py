@@ -220,14 +220,16 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, scratch, first, las
                 P[d, q] -= eta * fP[q]
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # the pool and its number of threads
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lnsgd-numba")
-    return _POOL
+    if _POOL is None or _POOL[1] < workers:
+        if _POOL is not None:
+            _POOL[0].shutdown(wait=False)
+        _POOL = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lnsgd-numba"), workers)
+    return _POOL[0]
 
 
 def prepare(dtype: np.dtype, sam: bool) -> None:
