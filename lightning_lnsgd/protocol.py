@@ -23,15 +23,19 @@ What each side relies on:
 * **Per-replica settings**. A plug-in setting given as a list (``LabelNoise(sigma=[…])``, ``SAMStrategy(rho=[…])``)
   has one value per stacked replica; it is accepted only for a module whose layout has exactly that many replicas
   (and, for ``rho``, that runs the SAM step itself).
+* **Per-replica hyper-parameters** (:class:`ReplicaSettings`, optional). A module with stacked replicas may say what
+  each replica runs with: one flat dict per replica (``{"seed": 3, "lr": 0.001, "sigma": 4.0}``). The
+  :class:`~lightning_lnsgd.HParamsSummary` callback then adds them as ``replica/<name>`` columns of TensorBoard's
+  HPARAMS tab, for the rows that the module writes, one per replica.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
 
 from .checks import is_int
 
-__all__ = ["MultiStepModule", "StepLayout", "runs_sam_step", "step_layout"]
+__all__ = ["MultiStepModule", "ReplicaSettings", "StepLayout", "replica_settings", "runs_sam_step", "step_layout"]
 
 
 class StepLayout(NamedTuple):
@@ -89,3 +93,30 @@ def step_layout(module: object) -> Optional[StepLayout]:
 def runs_sam_step(module: object) -> bool:
     """Whether ``module`` is a :class:`MultiStepModule` that applies the SAM step itself."""
     return isinstance(module, MultiStepModule) and bool(module.runs_sam_step)
+
+
+@runtime_checkable
+class ReplicaSettings(Protocol):
+    """A LightningModule with stacked replicas that says what each replica runs with (optional, see the module)."""
+
+    def replica_settings(self) -> Optional[list[dict[str, Any]]]:
+        """One flat ``{name: bool, int, float or str}`` per stacked replica, the same names in each; ``None`` for one
+        network. Called while the module is attached to a trainer (from ``on_fit_start`` on)."""
+        ...
+
+
+def replica_settings(module: object) -> Optional[list[dict[str, Any]]]:
+    """``module.replica_settings()`` for a :class:`ReplicaSettings` module, checked; ``None`` for any other module."""
+    if not isinstance(module, ReplicaSettings):
+        return None
+    rows = module.replica_settings()
+    if rows is None:
+        return None
+    name = f"{type(module).__name__}.replica_settings()"
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise TypeError(f"{name} returned {rows!r}; it must return a non-empty list of dicts (one per replica) or None.")
+    keys = list(rows[0])
+    for k, row in enumerate(rows):
+        if list(row) != keys or not all(isinstance(v, (bool, int, float, str)) for v in row.values()):
+            raise TypeError(f"{name}[{k}]={row!r}: every replica needs the names {keys} with bool, int, float or str values.")
+    return rows

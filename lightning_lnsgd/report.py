@@ -10,6 +10,12 @@ Reads the TensorBoard event files under each run directory (recursively) and dra
 ``phase/escape_step`` is drawn as a vertical dotted line in every panel, in the run's colour. With ``--layer NAME``
 the ``dynamics/NAME/*`` tags of a :class:`~lightning_lnsgd.callbacks.DynamicsMonitor` layer are used instead.
 
+A stacked run (:class:`~lightning_lnsgd.TwoLayerLinear` with ``replicas``) is drawn one line per replica. Its
+replicas are read from their own TensorBoard runs, the folders ``r{k}`` or ``r{k}-<settings>`` (``r03-sigma4-seed3``)
+inside the run's version folder, each with the tags of a single run and its settings as ``replica/<name>``; runs
+written before that layout, with ``<tag>/r{k}`` and ``replica/<name>/r{k}`` tags in the run itself, are read too.
+``--escape-vs sigma|lr|init_scale`` draws each replica's ``phase/escape_step`` against its ``replica/<name>``.
+
 ``--out`` is written exactly when its extension is a format matplotlib writes (:func:`image_formats`); without an
 extension ``.png`` is appended, and an existing directory (or a path ending in ``/``) gets ``phases.png``
 (``escape_vs_<PARAM>.png`` with ``--escape-vs``) inside it. The path written is printed and returned.
@@ -30,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "PANELS", "ReportError", "ReportWarning", "event_dirs", "check_event_file", "image_formats", "layers_in",
-    "load_scalars", "main", "output_path", "phase_figure",
+    "PANELS", "REPLICA_RUN", "ReportError", "ReportWarning", "event_dirs", "check_event_file", "escape_figure",
+    "escape_points", "expand_replicas", "image_formats", "layers_in", "load_run", "load_scalars", "main",
+    "output_path", "phase_figure", "split_stacked",
 ]
 
 #: (panel title, [(tag suffix or full tag, line style)], log y, horizontal reference line)
@@ -42,6 +49,12 @@ PANELS: list[tuple[str, list[tuple[str, str]], bool, float | None]] = [
     ("√m · minᵢ ‖wᵢ − wᵢ(0)‖", [("dynamics/lazy_distance", "-")], True, 1.0),
 ]
 ESCAPE_TAG = "phase/escape_step"
+#: The folder name of a replica's own run inside a stacked run's version folder; group 1 is the replica index.
+REPLICA_RUN = re.compile(r"^r(\d+)(?:-.*)?$")
+#: A per-replica tag of a stacked run written before the replicas had their own runs: ``<tag>/r{k}``.
+_REPLICA_TAG = re.compile(r"^(.+)/r(\d+)$")
+
+Scalars = dict[str, list[tuple[int, float]]]
 
 
 class ReportError(ValueError):
@@ -86,17 +99,47 @@ def event_dirs(run_dir: str | os.PathLike) -> list[Path]:
     return sorted({p.parent for p in root.rglob("events.out.tfevents.*") if p.is_file()})
 
 
-def load_scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag of the event files under ``run_dir``: ``{tag: [(step, value), ...]}`` sorted by step.
+def load_scalars(run_dir: str | os.PathLike) -> Scalars:
+    """Every scalar tag of the run under ``run_dir``: ``{tag: [(step, value), ...]}`` sorted by step; for a stacked
+    run, those of the run itself (the means over replicas), without its replicas' own runs (see :func:`load_run`).
 
     Event files of several sub-directories (e.g. ``version_0``, ``version_1`` of a resumed run) are merged; where two
     events share a tag and a step, the later one (by wall time) wins.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return load_run(run_dir)[0]
 
-    dirs = event_dirs(run_dir)
+
+def load_run(run_dir: str | os.PathLike) -> tuple[Scalars, dict[int, Scalars]]:
+    """The scalars of the run under ``run_dir`` (as :func:`load_scalars`) and those of each of its replicas,
+    ``{k: scalars}`` by replica index (empty for a run without replicas).
+
+    A replica's own run is an event directory named as :data:`REPLICA_RUN` whose parent, inside ``run_dir``, holds
+    event files (the version folder); the runs of replica k in several version folders are merged. A run without such
+    folders but with ``<tag>/r{k}`` tags (the earlier layout) is split by :func:`split_stacked`.
+    """
+    root = Path(run_dir)
+    dirs = event_dirs(root)
     if not dirs:
         raise ReportError(f"report: no TensorBoard event files (events.out.tfevents.*) under {str(run_dir)!r}.")
+    held = set(dirs)
+    own: list[Path] = []
+    replicas: dict[int, list[Path]] = {}
+    for d in dirs:
+        match = REPLICA_RUN.match(d.name)
+        if match and d != root and d.parent in held:
+            replicas.setdefault(int(match.group(1)), []).append(d)
+        else:
+            own.append(d)
+    scalars = _merge(own)
+    if not replicas:
+        return scalars, split_stacked(scalars)
+    return scalars, {k: _merge(replicas[k]) for k in sorted(replicas)}
+
+
+def _merge(dirs: Sequence[Path]) -> Scalars:
+    """The scalars of the event files in ``dirs``, merged (the later event wins at a shared tag and step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     merged: dict[str, dict[int, tuple[float, float]]] = {}
     for d in dirs:
         for event_file in sorted(p for p in d.glob("events.out.tfevents.*") if p.is_file()):
@@ -105,7 +148,7 @@ def load_scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
                 warnings.warn(
                     f"report: event file {str(event_file)!r} {problem}; its events before that point are drawn.",
                     ReportWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
         acc.Reload()
@@ -115,6 +158,17 @@ def load_scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
                 if e.step not in series or series[e.step][0] <= e.wall_time:
                     series[e.step] = (e.wall_time, float(e.value))
     return {tag: sorted((step, v) for step, (_, v) in series.items()) for tag, series in merged.items()}
+
+
+def split_stacked(scalars: Scalars) -> dict[int, Scalars]:
+    """The replicas of a stacked run written with ``<tag>/r{k}`` tags in the run itself (``dynamics/norm_sq_mean/r3``,
+    ``phase/escape_step/r3``, ``replica/sigma/r3``): ``{k: {tag: series}}``; empty when there are none."""
+    replicas: dict[int, Scalars] = {}
+    for tag, series in scalars.items():
+        match = _REPLICA_TAG.match(tag)
+        if match:
+            replicas.setdefault(int(match.group(2)), {})[match.group(1)] = series
+    return dict(sorted(replicas.items()))
 
 
 def layers_in(scalars: dict[str, list[tuple[int, float]]]) -> list[str]:
@@ -196,39 +250,44 @@ def phase_figure(
 
 
 def expand_replicas(
-    scalars: dict[str, list[tuple[int, float]]], label: str
-) -> list[tuple[str, dict[str, list[tuple[int, float]]]]]:
-    """Splits a stacked run (tags ``…/r{k}``) into one pseudo-run per replica, labelled with the
-    replica's hyper-parameters that differ across replicas; a plain run is returned as it is."""
-    replicas = sorted({int(t.rsplit("/r", 1)[1]) for t in scalars if re.search(r"^dynamics/[^/]+/r\d+$", t)})
-    if not replicas:
+    scalars: Scalars, label: str, replicas: dict[int, Scalars] | None = None
+) -> list[tuple[str, Scalars]]:
+    """One pseudo-run per replica of a stacked run (``replicas`` as :func:`load_run` gives them; by default split from
+    the ``…/r{k}`` tags of ``scalars``), labelled ``"<label> r{k}"`` with the ``replica/<name>`` settings that differ
+    between replicas. A run without replicas, or whose replicas hold no tag of the phase figure (more replicas than
+    ``log_replicas``: only their escape steps), is returned as it is."""
+    if replicas is None:
+        replicas = split_stacked(scalars)
+    drawn = {t for _, lines, _, _ in PANELS for t, _ in lines}
+    if not any(drawn & set(run) for run in replicas.values()):
         return [(label, scalars)]
-    params = sorted({t.split("/")[1] for t in scalars if t.startswith("replica/")})
-    varying = [p for p in params if len({scalars.get(f"replica/{p}/r{k}", [(0, 0)])[0][1] for k in replicas}) > 1]
+
+    def setting(run: Scalars, name: str) -> float | None:
+        series = run.get(f"replica/{name}")
+        return series[0][1] if series else None
+
+    names = sorted({t.split("/", 1)[1] for run in replicas.values() for t in run if t.startswith("replica/")})
+    varying = [n for n in names if len({setting(run, n) for run in replicas.values()}) > 1]
     out = []
-    for k in replicas:
-        suffix = f"/r{k}"
-        run = {t[: -len(suffix)]: v for t, v in scalars.items() if t.endswith(suffix)}
-        names = ", ".join(f"{p}={scalars[f'replica/{p}/r{k}'][0][1]:g}" for p in varying)
-        out.append((f"{label} r{k}" + (f" ({names})" if names else ""), run))
+    for k, run in replicas.items():
+        given = ", ".join(f"{n}={setting(run, n):g}" for n in varying if setting(run, n) is not None)
+        out.append((f"{label} r{k}" + (f" ({given})" if given else ""), run))
     return out
 
 
-def escape_points(scalars: dict[str, list[tuple[int, float]]], param: str) -> list[tuple[float, float]]:
-    """``(value of replica/<param>, escape step)`` for every replica of a stacked run that escaped."""
+def escape_points(replicas: dict[int, Scalars], param: str) -> list[tuple[float, float]]:
+    """``(value of replica/<param>, escape step)`` for every replica (of :func:`load_run`) that escaped, sorted."""
     points = []
-    for tag, series in scalars.items():
-        if not tag.startswith(ESCAPE_TAG + "/r"):
-            continue
-        replica = tag[len(ESCAPE_TAG) + 1 :]
-        value = scalars.get(f"replica/{param}/{replica}")
-        if value and series:
-            points.append((value[0][1], series[0][1]))
+    for run in replicas.values():
+        value, escape = run.get(f"replica/{param}"), run.get(ESCAPE_TAG)
+        if value and escape:
+            points.append((value[0][1], escape[0][1]))
     return sorted(points)
 
 
-def escape_figure(runs: Sequence[dict[str, list[tuple[int, float]]]], labels: Sequence[str], param: str) -> Any:
-    """Escape step of every replica against its ``param`` (log–log), with Theorem 2's slope −2.
+def escape_figure(runs: Sequence[dict[int, Scalars]], labels: Sequence[str], param: str) -> Any:
+    """Escape step of every replica of stacked ``runs`` (their replicas, as :func:`load_run` gives them) against its
+    ``param`` (log–log), with Theorem 2's slope −2.
 
     Theorem 2 bounds the escape time by T₁ ∝ 1/(σ²η²): against σ or η the slope on a log–log plot
     is −2. The reference line goes through the geometric mean of all points.
@@ -243,12 +302,13 @@ def escape_figure(runs: Sequence[dict[str, list[tuple[int, float]]]], labels: Se
     symbol = {"sigma": "σ", "lr": "η"}.get(param, param)
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
     all_points = []
-    for label, scalars in zip(labels, runs):
-        points = escape_points(scalars, param)
+    for label, replicas in zip(labels, runs):
+        points = escape_points(replicas, param)
         if not points:
             raise ReportError(
-                f"report: run {label!r} has no per-replica {ESCAPE_TAG}/r* with replica/{param}/r* values; "
-                "--escape-vs needs a stacked run (TwoLayerLinear with `replicas`) whose replicas escaped."
+                f"report: run {label!r} has no replica with both {ESCAPE_TAG} and replica/{param} "
+                f"({len(replicas)} replicas found); --escape-vs needs a stacked run (TwoLayerLinear with `replicas`) "
+                "whose replicas escaped."
             )
         xs, ys = zip(*points)
         ax.loglog(xs, ys, "o", alpha=0.7, label=label)
@@ -318,16 +378,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
         out = output_path(args.out, f"escape_vs_{args.escape_vs}.png" if args.escape_vs else "phases.png")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ReportWarning)
-            runs = [load_scalars(d) for d in args.run_dirs]
+            loaded = [load_run(d) for d in args.run_dirs]
         for w in caught:
             if issubclass(w.category, ReportWarning):
                 print(f"warning: {w.message}", file=sys.stderr)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if not args.escape_vs:  # a stacked run draws one line per replica
-            pairs = [pair for label, run in zip(labels, runs) for pair in expand_replicas(run, label)]
-            labels, runs = [p[0] for p in pairs], [p[1] for p in pairs]
-        fig = escape_figure(runs, labels, args.escape_vs) if args.escape_vs else phase_figure(runs, labels, layer=args.layer)
+        if args.escape_vs:
+            fig = escape_figure([replicas for _, replicas in loaded], labels, args.escape_vs)
+        else:  # a stacked run draws one line per replica
+            pairs = [pair for label, run in zip(labels, loaded) for pair in expand_replicas(run[0], label, run[1])]
+            fig = phase_figure([p[1] for p in pairs], [p[0] for p in pairs], layer=args.layer)
     except ReportError as err:
         parser.error(str(err))
     out.parent.mkdir(parents=True, exist_ok=True)

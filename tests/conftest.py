@@ -6,8 +6,9 @@
   model summary or sanity check unless asked for); ``make_trainer(package=lightning, ...)`` builds one of another
   package.
 * ``read_scalars(run_dir)``: every scalar tag under a run directory, ``{tag: [(step, value), ...]}`` — the
-  package's own :func:`lightning_lnsgd.report.load_scalars`, the reader that ``report`` uses; ``read_events(run_dir)``
-  for images and histograms.
+  package's own :func:`lightning_lnsgd.report.load_scalars`, the reader that ``report`` uses; ``read_replicas(run_dir)``
+  the same for each replica of a stacked run; ``read_events(run_dir)`` for images and histograms;
+  ``hparams_session_groups(logdir)``: the HPARAMS tab's rows, as TensorBoard's own hparams plugin lists them.
 """
 
 import importlib
@@ -26,7 +27,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lightning_lnsgd import compat  # noqa: E402
-from lightning_lnsgd.report import event_dirs, load_scalars  # noqa: E402
+from lightning_lnsgd.report import event_dirs, load_run, load_scalars  # noqa: E402
 
 # Lightning prints device and tip banners at INFO on every Trainer; tests only care about results.
 for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
@@ -55,6 +56,31 @@ def make_trainer(package: Optional[ModuleType] = None, **overrides: Any) -> Any:
 def read_scalars(run_dir: Any) -> dict[str, list[tuple[int, float]]]:
     """``{tag: [(step, value), ...]}`` of every scalar under ``run_dir`` (see :func:`lightning_lnsgd.report.load_scalars`)."""
     return load_scalars(run_dir)
+
+
+def read_replicas(run_dir: Any) -> dict[int, dict[str, list[tuple[int, float]]]]:
+    """``{k: {tag: [(step, value), ...]}}`` of each replica of the stacked run under ``run_dir`` (see
+    :func:`lightning_lnsgd.report.load_run`)."""
+    return load_run(run_dir)[1]
+
+
+def hparams_session_groups(logdir: Any) -> list[Any]:
+    """The session groups (rows) of TensorBoard's HPARAMS tab for ``logdir``, from TensorBoard's own hparams plugin
+    handler over its event multiplexer: each with ``.hparams``, ``.metric_values`` and ``.sessions``."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+
+    logdir = str(logdir)
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(logdir)
+    mux.Reload()
+    tb = base_plugin.TBContext(logdir=logdir, multiplexer=mux, data_provider=data_provider.MultiplexerDataProvider(mux, logdir))
+    statuses = [api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_RUNNING]
+    request = api_pb2.ListSessionGroupsRequest(start_index=0, slice_size=100, allowed_statuses=statuses)
+    handler = list_session_groups.Handler(context.RequestContext(), backend_context.Context(tb), "", request)
+    return list(handler.run().session_groups)
 
 
 def read_events(run_dir: Any) -> Any:

@@ -142,3 +142,49 @@ def test_report_warns_about_a_truncated_event_file(tmp_path: Path, capsys: pytes
     out = report.main([str(fake), "--out", str(tmp_path / "t.png")])
     err = capsys.readouterr().err
     assert out.is_file() and f"warning: report: event file {str(event_file)!r} is truncated" in err
+
+
+def _fake_sweep(root: Path, layout: str) -> Path:
+    """A stacked run of two replicas (σ = 1 and 4, escaping at 900 and 300), steps 0-1000: in the replica-run layout
+    ("runs"), written as a run and its resume (version_0: steps 0-500, version_1: 600-1000), or in the earlier layout
+    of ``…/r{k}`` tags ("tags")."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    replicas = [(1.0, 900), (4.0, 300)]
+    if layout == "tags":
+        with SummaryWriter(str(root / "lightning_logs" / "version_0")) as w:
+            for step in range(0, 1001, 100):
+                w.add_scalar("dynamics/norm_sq_mean", 1 - step / 2000, step)
+                for k in range(2):
+                    w.add_scalar(f"dynamics/norm_sq_mean/r{k}", 1 - step / (1000 * (k + 1)), step)
+            for k, (sigma, escape) in enumerate(replicas):
+                w.add_scalar(f"replica/sigma/r{k}", sigma, 0)
+                w.add_scalar(f"phase/escape_step/r{k}", float(escape), escape)
+        return root
+    for version, steps in enumerate([range(0, 501, 100), range(600, 1001, 100)]):
+        folder = root / "lightning_logs" / f"version_{version}"
+        with SummaryWriter(str(folder)) as w:
+            for step in steps:
+                w.add_scalar("dynamics/norm_sq_mean", 1 - step / 2000, step)
+        for k, (sigma, escape) in enumerate(replicas):
+            with SummaryWriter(str(folder / f"r{k}-sigma{sigma:g}-seed0")) as w:
+                if version == 0:
+                    w.add_scalar("replica/sigma", sigma, 0)
+                for step in steps:
+                    w.add_scalar("dynamics/norm_sq_mean", 1 - step / (1000 * (k + 1)), step)
+                if escape in steps:
+                    w.add_scalar("phase/escape_step", float(escape), escape)
+    return root
+
+
+@pytest.mark.parametrize("layout", ["runs", "tags"])
+def test_report_reads_the_replicas_of_a_stacked_run(tmp_path: Path, layout: str) -> None:
+    run = _fake_sweep(tmp_path / "sweep", layout)
+    scalars, replicas = report.load_run(run)
+    assert list(replicas) == [0, 1] and set(scalars) == {"dynamics/norm_sq_mean"} | (set() if layout == "runs" else {
+        f"{t}/r{k}" for k in (0, 1) for t in ("dynamics/norm_sq_mean", "replica/sigma", "phase/escape_step")})
+    assert [s for s, _ in replicas[1]["dynamics/norm_sq_mean"]] == list(range(0, 1001, 100))  # both versions
+    assert replicas[1]["dynamics/norm_sq_mean"][-1][1] == pytest.approx(0.5)
+    assert report.escape_points(replicas, "sigma") == [(1.0, 900.0), (4.0, 300.0)]
+    assert [label for label, _ in report.expand_replicas(scalars, "s", replicas)] == ["s r0 (sigma=1)", "s r1 (sigma=4)"]
+    assert report.main([str(run), "--escape-vs", "sigma", "--out", str(tmp_path / "e.png")]).stat().st_size > 5000

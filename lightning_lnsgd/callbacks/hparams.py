@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 
 from ..compat import Callback, LightningModule, Trainer
+from ..protocol import replica_settings
 from ._common import tensorboards
 
 __all__ = ["HParamsSummary"]
@@ -37,6 +38,14 @@ class HParamsSummary(Callback):
     (params, metrics)`` is not used: it also logs each metric's given value as a scalar of that tag, which would put
     a placeholder point into the very curves whose final values the tab shows; and ``SummaryWriter.add_hparams``
     writes into a separate run, which does not hold the curves.
+
+    **Stacked replicas.** For a module that stacks replicas and lists their settings
+    (:func:`lightning_lnsgd.protocol.replica_settings`), the columns also hold each setting as ``replica/<name>``
+    (``replica/seed``, ``replica/lr``, ...), and the module may write one row per replica into that replica's own
+    TensorBoard run with :meth:`write_session_start` and :meth:`write_session_end` (what
+    :class:`~lightning_lnsgd.TwoLayerLinear` does). A replica's row holds the run's hyper-parameters, its settings, and
+    the final values of the metric tags in its own run. Every row carries the same experiment record (the columns),
+    so the tab is the same whichever run TensorBoard reads the columns from.
 
     Args:
         metrics: scalar tags to show as columns.
@@ -70,26 +79,53 @@ class HParamsSummary(Callback):
         put("", self.extra)
         return params
 
-    def _records(self, trainer: Trainer, pl_module: LightningModule) -> tuple[Any, Any, Any]:
+    def row(self, trainer: Trainer, pl_module: LightningModule, replica: Optional[int] = None) -> dict[str, Any]:
+        """The hyper-parameters of one row: the run's (:meth:`hyperparameters`), and for ``replica`` k those plus the
+        replica's settings as ``replica/<name>``."""
+        params = self.hyperparameters(trainer, pl_module)
+        if replica is not None:
+            settings = replica_settings(pl_module)
+            if settings is None or not 0 <= replica < len(settings):
+                count = "none" if settings is None else len(settings)
+                raise ValueError(f"HParamsSummary: replica={replica!r} is not a replica of "
+                                 f"{type(pl_module).__name__} (replicas: {count}).")
+            params.update({f"replica/{name}": value for name, value in settings[replica].items()})
+        return params
+
+    def _records(self, trainer: Trainer, pl_module: LightningModule, replica: Optional[int] = None) -> tuple[Any, Any]:
         from torch.utils.tensorboard.summary import hparams
 
         # The metric values given here are not written anywhere: only the names become the columns.
-        return hparams(self.hyperparameters(trainer, pl_module), {m: 0.0 for m in self.metrics})
+        metrics = {m: 0.0 for m in self.metrics}
+        params = self.row(trainer, pl_module, replica)
+        columns = dict(params)
+        settings = replica_settings(pl_module)
+        if settings is not None:  # the experiment record names the replica columns in every row, the run's own too
+            columns.update({f"replica/{name}": value for name, value in settings[0].items()})
+        experiment, _, _ = hparams(columns, metrics)
+        _, session_start, _ = hparams(params, metrics)
+        return experiment, session_start
+
+    def write_session_start(self, writer: Any, trainer: Trainer, pl_module: LightningModule,
+                            replica: Optional[int] = None) -> None:
+        """Writes the experiment and session-start records of a row (the run's, or ``replica`` k's) with the
+        ``SummaryWriter`` ``writer`` of the TensorBoard run that holds the row's curves."""
+        experiment, session_start = self._records(trainer, pl_module, replica)
+        writer.file_writer.add_summary(experiment)
+        writer.file_writer.add_summary(session_start)
+
+    def write_session_end(self, writer: Any, step: int) -> None:
+        """Writes the session-end record (status: success) at ``step`` with ``writer`` and flushes it."""
+        from torch.utils.tensorboard.summary import hparams
+
+        _, _, session_end = hparams({}, {})
+        writer.file_writer.add_summary(session_end, step)
+        writer.flush()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        writers = tensorboards(trainer)
-        if not writers:
-            return
-        experiment, session_start, _ = self._records(trainer, pl_module)
-        for writer in writers:
-            writer.file_writer.add_summary(experiment)
-            writer.file_writer.add_summary(session_start)
+        for writer in tensorboards(trainer):
+            self.write_session_start(writer, trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        writers = tensorboards(trainer)
-        if not writers:
-            return
-        _, _, session_end = self._records(trainer, pl_module)
-        for writer in writers:
-            writer.file_writer.add_summary(session_end, trainer.global_step)
-            writer.flush()
+        for writer in tensorboards(trainer):
+            self.write_session_end(writer, trainer.global_step)

@@ -10,8 +10,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..callbacks.label_noise import LabelNoise
 from ..compat import pl, rank_zero_warn, trainer_of
 from ..protocol import StepLayout
+from ..strategies import sam_settings
 from . import engine
 from . import functional as F
 from .recorder import DivergenceError, Recorder
@@ -42,8 +44,11 @@ class TwoLayerLinear(pl.LightningModule):
             ``"triton"``: the fused closed-form path on that backend; ``"auto"``: the generic path
             for one unstacked network with ``steps_per_batch=1``, else the fused path on the
             fastest backend for the device (triton on CUDA, numba on CPU when width ≥ dim, torch otherwise).
-        log_replicas: per-replica tags (``…/r3``) are written when K ≤ this; the mean over
-            replicas is always written under the plain tag.
+        log_replicas: per-replica curves (``train/loss``, ``dynamics/*``, ... of each replica) are written when
+            K ≤ this; the mean over replicas is always written under the plain tag, and each replica's
+            ``phase/escape_step`` and settings (``replica/*``) always. With a TensorBoard logger each replica is its
+            own run, ``<log_dir>/r03-sigma4-seed3`` (see :class:`~lightning_lnsgd.twolayer.replica_runs.ReplicaRuns`),
+            with the tags of a single run; other loggers get ``<tag>/r{k}`` in the run itself.
 
     The training loss is ½·mean of (ŷ − ỹ)² over the batch targets as they arrive, so it is the
     noisy loss when a :class:`~lightning_lnsgd.LabelNoise` callback is attached.
@@ -148,6 +153,32 @@ class TwoLayerLinear(pl.LightningModule):
             k = max(1, min(k, trainer.max_steps - trainer.global_step))
         return StepLayout(None if self.replica_seeds is None else tuple(self.replica_seeds), k)
 
+    def replica_settings(self) -> list[dict[str, float | int]] | None:
+        """What each stacked replica runs with (:class:`~lightning_lnsgd.protocol.ReplicaSettings`), ``None`` without
+        replicas: its ``seed``, step size ``lr`` η in force, ``init_scale`` α and, when attached, the
+        :class:`~lightning_lnsgd.LabelNoise` level (``sigma`` σ, or ``flip_prob``) and the SAM strategy's ``rho`` ρ."""
+        if self.replica_seeds is None:
+            return None
+        K = len(self.replica_seeds)
+        rates = self.lr_per_replica.tolist()
+        rows: list[dict[str, float | int]] = [
+            {"seed": seed, "lr": float(rates[k]), "init_scale": self.init_scales[k]}
+            for k, seed in enumerate(self.replica_seeds)
+        ]
+        trainer = trainer_of(self)
+        if trainer is None:
+            return rows
+        for cb in trainer.callbacks:
+            if isinstance(cb, LabelNoise):
+                levels = cb.sigma if isinstance(cb.sigma, list) and cb.kind != "flip" else [cb.level] * K
+                for row, level in zip(rows, levels):
+                    row[cb.level_name] = float(level)
+        sam = sam_settings(trainer.strategy)
+        if sam is not None:
+            for row, rho in zip(rows, sam[0] if isinstance(sam[0], list) else [sam[0]] * K):
+                row["rho"] = float(rho)
+        return rows
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x, y = batch
         if self.fused:
@@ -190,10 +221,11 @@ class TwoLayerLinear(pl.LightningModule):
     # -- lifecycle -----------------------------------------------------------------------------
     def configure_callbacks(self) -> list:
         # The earliest hook of a fit with the trainer attached: Lightning checks gradient clipping against manual
-        # optimisation before `setup`, with a message that does not name the generic path. No callbacks added.
+        # optimisation before `setup`, with a message that does not name the generic path.
         if self.fused and self.trainer.state.fn == "fit":
             engine.refuse_unsupported_settings(self, self.trainer)
-        return []
+        # Stacked replicas: their own TensorBoard runs, closed at the end of fit and on an exception.
+        return [self.recorder.replica_runs] if self.replica_seeds is not None else []
 
     #: Lightning's start-up warnings that misdescribe the fused path, which has no torch optimizer by design and counts
     #: ``log_every_n_steps`` in SGD steps, not in batches; silenced during its fits only.
@@ -236,13 +268,10 @@ class TwoLayerLinear(pl.LightningModule):
     def on_train_start(self) -> None:
         if self.global_step == 0:
             self.recorder.log_dynamics(0)
-            if self.replica_seeds is not None:
-                table = {f"replica/lr/r{k}": float(v) for k, v in enumerate(self.lr_per_replica)}
-                table.update({f"replica/init_scale/r{k}": v for k, v in enumerate(self.init_scales)})
-                for cb in self.trainer.callbacks:  # a LabelNoise σ grid, for the escape-vs-σ report
-                    if isinstance(getattr(cb, "sigma", None), list):
-                        table.update({f"replica/sigma/r{k}": float(v) for k, v in enumerate(cb.sigma)})
-                self.recorder.log_scalars(table, 0)
+            settings = self.replica_settings()
+            if settings is not None:  # each replica's settings, for the escape-vs-σ (η, α) report
+                rows = {k: {f"replica/{name}": float(v) for name, v in row.items()} for k, row in enumerate(settings)}
+                self.recorder.log_scalars({}, 0, rows)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.fused:

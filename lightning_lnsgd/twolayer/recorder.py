@@ -13,6 +13,7 @@ from ..metrics import lazy_distance
 from ..strategies import sam_settings
 from . import functional as F
 from .dynamics import two_layer_dynamics
+from .replica_runs import ReplicaRuns
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import TwoLayerLinear
@@ -32,11 +33,17 @@ class Recorder:
 
     The escape steps live in the model's ``escape_step`` buffer (saved in checkpoints); the recorder remembers which
     of them it has written, so each replica's ``phase/escape_step`` is logged once.
+
+    Per-replica values go, for a TensorBoard logger, into each replica's own run (:class:`ReplicaRuns`) under the
+    plain tag, and for any other logger into the run itself as ``<tag>/r{k}``; the mean over replicas is the plain
+    tag of the run itself.
     """
 
     def __init__(self, model: TwoLayerLinear) -> None:
         self.model = model
         self.logged_escape = torch.zeros(model.W.shape[:-2], dtype=torch.bool)
+        #: The replicas' own TensorBoard runs (the model returns it from ``configure_callbacks``).
+        self.replica_runs = ReplicaRuns(model)
 
     def escape_every(self) -> int:
         """SGD steps between two checks of the lazy ball."""
@@ -65,7 +72,8 @@ class Recorder:
         model.escape_step.copy_(torch.where(new, first, model.escape_step))
 
     def log_new_escapes(self) -> None:
-        """Logs ``phase/escape_step`` (``…/r{k}`` per replica) once per replica, at the escape step."""
+        """Logs ``phase/escape_step`` once per replica (into its own run, see :meth:`log_scalars`), at the escape
+        step."""
         escape = self.model.escape_step.detach().cpu()
         new = (escape >= 0) & ~self.logged_escape
         if not bool(new.any()):
@@ -75,7 +83,7 @@ class Recorder:
             self.log_scalars({"phase/escape_step": float(escape)}, int(escape))
             return
         for k in torch.nonzero(new).flatten().tolist():
-            self.log_scalars({f"phase/escape_step/r{k}": float(escape[k])}, int(escape[k]))
+            self.log_scalars({}, int(escape[k]), {k: {"phase/escape_step": float(escape[k])}})
 
     def check_finite(self, step: int) -> None:
         """Raises :class:`DivergenceError` if a replica's weights are not finite at ``step`` (a host sync)."""
@@ -113,19 +121,39 @@ class Recorder:
             self.raise_divergence(steps[int(torch.nonzero(~finite)[0])])
         flat: dict[str, float] = {}
         for i, step in enumerate(steps):
-            flat = {}
+            means: dict[str, float] = {}
+            rows: dict[int, dict[str, float]] = {}
             for tag, v in host.items():
                 vi = v[i]
-                flat[tag] = float(vi.mean())
+                means[tag] = float(vi.mean())
                 if vi.ndim and len(vi) <= self.model.hparams.log_replicas:
-                    flat.update({f"{tag}/r{k}": float(x) for k, x in enumerate(vi.tolist())})
-            self.log_scalars(flat, step)
+                    for k, x in enumerate(vi.tolist()):
+                        rows.setdefault(k, {})[tag] = x
+            flat = self.log_scalars(means, step, rows)
         return flat
 
-    def log_scalars(self, values: dict[str, float], step: int) -> None:
-        """Writes ``values`` to every logger at SGD step ``step``."""
+    def log_scalars(
+        self, values: dict[str, float], step: int, replicas: dict[int, dict[str, float]] | None = None
+    ) -> dict[str, float]:
+        """Writes ``values`` to every logger at SGD step ``step``, and replica k's ``{tag: value}`` of ``replicas``
+        into its own run of a TensorBoard logger, as ``<tag>/r{k}`` to any other logger.
+
+        Returns the values with the per-replica ones as ``<tag>/r{k}``, each after its plain tag."""
+        replicas = replicas or {}
+        flat: dict[str, float] = {}
+        for tag in dict.fromkeys([*values, *(t for row in replicas.values() for t in row)]):
+            if tag in values:
+                flat[tag] = values[tag]
+            flat.update({f"{tag}/r{k}": row[tag] for k, row in sorted(replicas.items()) if tag in row})
+        runs = self.replica_runs
         for logger in self.model.loggers:
-            logger.log_metrics(values, step=step)
+            if runs.serves(logger):
+                if values:
+                    logger.log_metrics(values, step=step)
+                runs.write(logger, replicas, step)
+            elif flat:
+                logger.log_metrics(flat, step=step)
+        return flat
 
     def raise_divergence(self, step: int, replicas: list[int] | None = None) -> None:
         """Raises :class:`DivergenceError` naming the step, the replicas and what is in play: the step size η in

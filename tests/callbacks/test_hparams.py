@@ -9,31 +9,9 @@ import pytest
 
 from lightning_lnsgd.callbacks import DynamicsMonitor, HParamsSummary
 from tests.callbacks.user_model import user_classes
-from tests.conftest import make_trainer, read_scalars
+from tests.conftest import hparams_session_groups, make_trainer, read_scalars
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _session_groups(logdir: str):
-    from tensorboard import context
-    from tensorboard.backend.event_processing import (
-        data_provider,
-        plugin_event_multiplexer,
-    )
-    from tensorboard.plugins import base_plugin
-    from tensorboard.plugins.hparams import (
-        api_pb2,
-        backend_context,
-        list_session_groups,
-    )
-
-    mux = plugin_event_multiplexer.EventMultiplexer()
-    mux.AddRunsFromDirectory(logdir)
-    mux.Reload()
-    tb = base_plugin.TBContext(logdir=logdir, multiplexer=mux, data_provider=data_provider.MultiplexerDataProvider(mux, logdir))
-    statuses = [api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_RUNNING]
-    request = api_pb2.ListSessionGroupsRequest(start_index=0, slice_size=10, allowed_statuses=statuses)
-    return list_session_groups.Handler(context.RequestContext(), backend_context.Context(tb), "", request).run().session_groups
 
 
 def test_hparams_tab_shows_final_metrics(lightning: ModuleType, tmp_path: Path) -> None:
@@ -47,7 +25,7 @@ def test_hparams_tab_shows_final_metrics(lightning: ModuleType, tmp_path: Path) 
     logger = lightning.loggers.TensorBoardLogger(str(tmp_path), name="run")
     trainer = make_trainer(lightning, max_steps=40, log_every_n_steps=10, logger=logger, callbacks=[monitor, hp])
     trainer.fit(UserModel(), BlobData())
-    groups = _session_groups(str(tmp_path / "run"))
+    groups = hparams_session_groups(tmp_path / "run")
     assert len(groups) == 1
     group = groups[0]
     assert group.sessions[0].status == api_pb2.STATUS_SUCCESS

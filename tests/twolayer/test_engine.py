@@ -8,7 +8,7 @@ from lightning_lnsgd import LabelNoise, SparseTeacherDataModule, TwoLayerLinear
 from lightning_lnsgd.compat import MisconfigurationException, TensorBoardLogger
 from lightning_lnsgd.strategies.sam import SAMStrategy
 from lightning_lnsgd.twolayer.kernels import available_backends
-from tests.conftest import make_trainer, read_scalars
+from tests.conftest import make_trainer, read_replicas, read_scalars
 
 
 def fit(steps=120, noise=1.5, strategy="auto", logger=False, every=50, root=None, ckpt=None, dm_seed=3, batch_size=2,
@@ -97,13 +97,15 @@ def test_fused_logging_grid_and_per_replica_tags(tmp_path):
     # Logged on the SGD-step grid even though 40-step batches straddle it (last batch: 10 steps).
     assert set(scalars["dynamics/norm_sq_mean"]) == {0, 20, 40, 60, 80, 100, 120}
     final = model.dynamics()
-    both = scalars["dynamics/norm_sq_mean/r0"][120], scalars["dynamics/norm_sq_mean/r1"][120]
+    # With TensorBoard each replica is its own run (tests/twolayer/test_replica_runs.py), under the plain tags.
+    replicas = {k: {tag: dict(points) for tag, points in run.items()} for k, run in read_replicas(tmp_path).items()}
+    both = replicas[0]["dynamics/norm_sq_mean"][120], replicas[1]["dynamics/norm_sq_mean"][120]
     assert abs(scalars["dynamics/norm_sq_mean"][120] - sum(both) / 2) < 1e-6
-    assert scalars["replica/lr/r1"][0] == pytest.approx(0.05)
+    assert replicas[1]["replica/lr"][0] == pytest.approx(0.05)
     for r in range(2):
         escape = int(model.escape_step[r])
         assert escape > 0 and escape % 20 == 0
-        assert scalars[f"phase/escape_step/r{r}"] == {escape: float(escape)}
+        assert replicas[r]["phase/escape_step"] == {escape: float(escape)}
     assert final["dynamics/norm_sq_mean"].shape == (2,)
 
 
@@ -155,7 +157,7 @@ def test_per_replica_rho_grid_equals_single_runs():
 
 
 def test_per_replica_sigma_grid_equals_single_runs_and_escape_report(tmp_path):
-    from lightning_lnsgd.report import escape_points, load_scalars
+    from lightning_lnsgd.report import escape_points, expand_replicas, load_run
     from lightning_lnsgd.report import main as report
 
     def run(replicas, seeds, sigma, root=None):
@@ -173,15 +175,14 @@ def test_per_replica_sigma_grid_equals_single_runs_and_escape_report(tmp_path):
     for r, sigma in enumerate([0.5, 3.0]):
         single = run(1, [7], sigma)
         assert close(stacked.W[r], single.W[0]) and close(stacked.a[r], single.a[0])
-    points = escape_points(load_scalars(tmp_path), "sigma")
+    scalars, replicas = load_run(tmp_path)  # the replicas' own runs, r0-sigma0.5-seed7 and r1-sigma3-seed7
+    points = escape_points(replicas, "sigma")
     assert [p[0] for p in points] == [3.0] or [p[0] for p in points] == [0.5, 3.0]
     assert points[-1][1] == float(stacked.escape_step[1])
     out = report([str(tmp_path), "--escape-vs", "sigma", "--out", str(tmp_path / "e.png")])
     assert out.stat().st_size > 5000
     # The phase figure draws one line per replica, labelled by what differs between replicas.
-    from lightning_lnsgd.report import expand_replicas
-
-    labels = [label for label, _ in expand_replicas(load_scalars(tmp_path), "run")]
+    labels = [label for label, _ in expand_replicas(scalars, "run", replicas)]
     assert labels == ["run r0 (sigma=0.5)", "run r1 (sigma=3)"]
     assert report([str(tmp_path), "--out", str(tmp_path / "p.png")]).stat().st_size > 5000
     with pytest.raises(ValueError, match="sigma` lists 2 values"):
