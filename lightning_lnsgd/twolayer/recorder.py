@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..callbacks._common import log_metrics
 from ..callbacks.label_noise import LabelNoise
 from ..compat import trainer_of
 from ..metrics import lazy_distance
@@ -119,16 +120,16 @@ class Recorder:
         finite = torch.stack([torch.isfinite(v).reshape(len(steps), -1).all(1) for v in host.values()]).all(0)
         if not bool(finite.all()):
             self.raise_divergence(steps[int(torch.nonzero(~finite)[0])])
+        # Means and per-replica rows of all steps at once, as Python floats: no tensor op per step and tag.
+        means_all = {tag: (v.reshape(len(steps), -1).mean(1) if v.ndim > 1 else v).tolist() for tag, v in host.items()}
+        per_replica = {tag: v.tolist() for tag, v in host.items() if v.ndim > 1 and v.shape[1] <= self.model.hparams.log_replicas}
         flat: dict[str, float] = {}
         for i, step in enumerate(steps):
-            means: dict[str, float] = {}
+            means = {tag: m[i] for tag, m in means_all.items()}
             rows: dict[int, dict[str, float]] = {}
-            for tag, v in host.items():
-                vi = v[i]
-                means[tag] = float(vi.mean())
-                if vi.ndim and len(vi) <= self.model.hparams.log_replicas:
-                    for k, x in enumerate(vi.tolist()):
-                        rows.setdefault(k, {})[tag] = x
+            for tag, v in per_replica.items():
+                for k, x in enumerate(v[i]):
+                    rows.setdefault(k, {})[tag] = x
             flat = self.log_scalars(means, step, rows)
         return flat
 
@@ -148,11 +149,10 @@ class Recorder:
         runs = self.replica_runs
         for logger in self.model.loggers:
             if runs.serves(logger):
-                if values:
-                    logger.log_metrics(values, step=step)
+                log_metrics(logger, values, step)
                 runs.write(logger, replicas, step)
-            elif flat:
-                logger.log_metrics(flat, step=step)
+            else:
+                log_metrics(logger, flat, step)
         return flat
 
     def raise_divergence(self, step: int, replicas: list[int] | None = None) -> None:

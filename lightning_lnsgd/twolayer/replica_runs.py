@@ -7,6 +7,7 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from ..callbacks._common import write_scalars
 from ..callbacks.hparams import HParamsSummary
 from ..compat import Callback, is_tensorboard_logger
 
@@ -68,8 +69,7 @@ class ReplicaRuns(Callback):
         """Adds replica k's ``{tag: value}`` of ``rows`` to its run under ``logger`` at ``step``."""
         writers = self._writers[id(logger)]
         for k, row in rows.items():
-            for tag, value in row.items():
-                writers[k].add_scalar(tag, value, step)
+            write_scalars(writers[k], row, step)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.close()
