@@ -14,6 +14,7 @@ from ..protocol import StepLayout
 from . import engine
 from . import functional as F
 from .recorder import DivergenceError, Recorder
+from .shard import ReplicaShard
 
 __all__ = ["TwoLayerLinear", "DivergenceError"]
 
@@ -38,7 +39,8 @@ class TwoLayerLinear(pl.LightningModule):
         steps_per_batch: SGD steps k fused into one Lightning step (closed-form gradients).
         backend: ``"autograd"``: the generic Lightning path (``torch.optim.SGD``, automatic
             optimisation; works with any strategy, DDP included); ``"torch"``, ``"numba"``,
-            ``"triton"``: the fused closed-form path on that backend; ``"auto"``: the generic path
+            ``"triton"``: the fused closed-form path on that backend (under DDP it shards the replicas over
+            the ranks, see below); ``"auto"``: the generic path
             for one unstacked network with ``steps_per_batch=1``, else the fused path on the
             fastest backend for the device (triton on CUDA, numba on CPU when width ≥ dim, torch otherwise).
         log_replicas: per-replica tags (``…/r3``) are written when K ≤ this; the mean over
@@ -54,6 +56,14 @@ class TwoLayerLinear(pl.LightningModule):
     ``test/loss`` (clean labels, whole sets) and the ``dynamics/*`` tags of
     :func:`~lightning_lnsgd.twolayer.dynamics.two_layer_dynamics`; ``phase/escape_step`` once, the first
     multiple of ``min(100, log_every_n_steps)`` steps at which ``dynamics/lazy_distance`` exceeds 1.
+
+    DDP (fused path, ``strategy: ddp``, ``devices: N``, any ``num_nodes``): the K replicas are split into N contiguous
+    blocks (the first K mod N one larger; K < N is refused) and rank r steps block r, with each replica's own seeds,
+    samples, noise, η, σ and ρ, so every replica follows the trajectory it follows in one process, bit for bit. Every
+    rank holds all replicas: after each Lightning step the ranks all-gather their blocks (weights, escape steps and
+    the dynamics of the logging steps), rank 0 logs every replica's tags, and a checkpoint holds the whole sweep,
+    which resumes exactly on any number of ranks (one process included). The generic path keeps Lightning's DDP
+    (data parallel, one network).
     """
 
     def __init__(
@@ -110,14 +120,18 @@ class TwoLayerLinear(pl.LightningModule):
         else:
             inits = [F.ntk_init(width, dim, s, rs) for s, rs in zip(scales, self.replica_seeds)]
             W, a = torch.stack([w for w, _ in inits]), torch.stack([v for _, v in inits])
-        self.W = nn.Parameter(W, requires_grad=not self.fused)
-        self.a = nn.Parameter(a, requires_grad=not self.fused)
+        # Trained on both paths (the fused engine updates them in place, without autograd); DDP needs a parameter
+        # that requires grad to wrap the module.
+        self.W = nn.Parameter(W)
+        self.a = nn.Parameter(a)
         # The initial weights define the lazy ball; buffers travel with the module and the checkpoint.
         self.register_buffer("W0", W.clone())
         self.register_buffer("escape_step", torch.full(W.shape[:-2], -1, dtype=torch.int64))
         self.register_buffer("lr_per_replica", torch.tensor(rates if K is not None else rates[0]))
         self.teacher: torch.Tensor | None = None
         self._engine: engine.FusedEngine | None = None
+        #: The replicas this rank steps in a distributed fit of the fused path (``None``: all of them).
+        self.shard: ReplicaShard | None = None
         self.recorder = Recorder(self)
         #: Extra values for :class:`~lightning_lnsgd.progress.StepProgressBar` (the fused path's latest train loss).
         self.progress_metrics: dict[str, float] = {}
@@ -145,6 +159,9 @@ class TwoLayerLinear(pl.LightningModule):
         trainer = trainer_of(self)
         if trainer is not None and trainer.max_steps > 0:
             k = max(1, min(k, trainer.max_steps - trainer.global_step))
+        if self.shard is not None:  # this rank's block of replicas; their streams stay their own
+            block = self.shard.block
+            return StepLayout(tuple(self.replica_seeds[block]), k, self.shard.index, self.shard.replicas)
         return StepLayout(None if self.replica_seeds is None else tuple(self.replica_seeds), k)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
@@ -195,13 +212,19 @@ class TwoLayerLinear(pl.LightningModule):
         return []
 
     def setup(self, stage: str) -> None:
+        self.shard = None
+        world = self.trainer.world_size
+        if not (self.fused and stage == "fit" and world > 1):
+            return
         # Checked before the strategy wraps the module: DDP would fail first, with a less useful message.
-        if self.fused and stage == "fit" and self.trainer.world_size > 1:
+        K = self.hparams.replicas
+        if K is None or K < world:
             raise ValueError(
-                f"TwoLayerLinear: the fused path (backend={self.hparams.backend!r}, replicas={self.hparams.replicas!r}, "
-                f"steps_per_batch={self.steps_per_batch}) runs on one device; got world_size={self.trainer.world_size}."
-                " Use backend='autograd' for DDP, or stack the runs as replicas on one device."
+                f"TwoLayerLinear: the fused path shards its replicas over the ranks, one block each; replicas={K!r} "
+                f"with world_size={world}: use replicas >= {world}, fewer devices, or backend='autograd' (data-parallel "
+                "DDP of one network)."
             )
+        self.shard = ReplicaShard(K, world, self.trainer.global_rank)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
