@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -225,6 +226,9 @@ class TwoLayerLinear(pl.LightningModule):
                 "DDP of one network)."
             )
         self.shard = ReplicaShard(K, world, self.trainer.global_rank)
+        # Every rank validates the whole test set on the full, identical stack: there is nothing to accumulate across
+        # ranks (and a cross-rank mean of equal values may round), so Lightning's advice to sync val/loss misleads.
+        warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val/loss', \.\.\., sync_dist=True\)`")
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

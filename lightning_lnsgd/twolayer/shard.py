@@ -7,6 +7,7 @@ rank holds the full, identical state again (for checkpoints, validation and DDP'
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,11 @@ class ReplicaShard:
         start = sum(self.sizes[:rank])
         #: This rank's replicas, as a slice of the replica axis.
         self.block = slice(start, start + self.sizes[rank])
+        # Lightning's all_gather calls a torch function that torch marks deprecated: a FutureWarning about Lightning's
+        # internals on every rank, which the user can do nothing about.
+        warnings.filterwarnings(
+            "ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated", category=FutureWarning
+        )
 
     @property
     def index(self) -> tuple[int, ...]:
