@@ -152,7 +152,8 @@ class TwoLayerLinear(pl.LightningModule):
         """Batch layout of the fused path: the replica seeds (or ``None``) and the SGD steps of this batch.
 
         The datamodule and :class:`~lightning_lnsgd.LabelNoise` shape their draws by it; ``None`` on the
-        generic path (plain ``(x, y)`` batches).
+        generic path (plain ``(x, y)`` batches). Under DDP it holds this rank's block of replicas: their seeds,
+        their indices in the sweep and the sweep's replica count.
         """
         if not self.fused:
             return None
