@@ -219,6 +219,12 @@ class TwoLayerLinear(pl.LightningModule):
         if not (self.fused and stage == "fit" and world > 1):
             return
         # Checked before the strategy wraps the module: DDP would fail first, with a less useful message.
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, pl.strategies.DDPStrategy):  # e.g. FSDP would shard W itself
+            raise ValueError(
+                f"TwoLayerLinear: the fused path shards its replicas with DDP; got strategy {type(strategy).__name__}: "
+                "use strategy ddp (or sam_ddp), or backend='autograd'."
+            )
         K = self.hparams.replicas
         if K is None or K < world:
             raise ValueError(
