@@ -21,8 +21,16 @@ What each side relies on:
   fused steps, with the strategy's ``rho``, ``normalize`` and ``adaptive``; the SAM strategy then runs no step of its
   own and leaves the module's (manual) optimisation alone.
 * **Per-replica settings**. A plug-in setting given as a list (``LabelNoise(sigma=[…])``, ``SAMStrategy(rho=[…])``)
-  has one value per stacked replica; it is accepted only for a module whose layout has exactly that many replicas
-  (and, for ``rho``, that runs the SAM step itself).
+  has one value per replica of the whole module (:attr:`StepLayout.total_replicas`); it is accepted only for a module
+  whose layout has exactly that many replicas (and, for ``rho``, that runs the SAM step itself). Row ``i`` of the batch
+  takes the value of replica ``replica_index[i]``.
+* **Replicas sharded over DDP ranks** (:attr:`StepLayout.replica_index`). A module may split its ``K`` replicas over
+  the ranks of a distributed run, each rank stepping a block of them: its layout then lists, in
+  ``replica_index``, the replicas (indices in ``0 … K−1``) whose rows this rank's batch holds, and ``replica_seeds``
+  holds their seeds only. The streams of a sharded batch are the replicas' own: the plug-ins draw them with the
+  rank that :meth:`StepLayout.stream_rank` returns (0, whichever rank runs the replica), so a replica sees the same
+  samples and noise as in a one-process run. Without ``replica_index`` the batch holds all replicas (or one
+  network), and each rank draws its own streams (the rank is mixed in), as for any DDP module.
 * **Per-replica hyper-parameters** (:class:`ReplicaSettings`, optional). A module with stacked replicas may say what
   each replica runs with: one flat dict per replica (``{"seed": 3, "lr": 0.001, "sigma": 4.0}``). The
   :class:`~lightning_lnsgd.HParamsSummary` callback then adds them as ``replica/<name>`` columns of TensorBoard's
@@ -45,11 +53,32 @@ class StepLayout(NamedTuple):
     replica_seeds: Optional[tuple[int, ...]]
     #: SGD steps ``k`` run in this Lightning step (label axis after the replica axis), ≥ 1.
     steps: int
+    #: With replicas sharded over DDP ranks: the index (in ``0 … total_replicas − 1``) of the replica of each row of
+    #: the replica axis, one per ``replica_seeds`` entry; ``None``: the batch holds all replicas, in order.
+    replica_index: Optional[tuple[int, ...]] = None
+    #: With ``replica_index``: ``K``, the number of replicas of the whole module (all ranks together).
+    total: Optional[int] = None
 
     @property
     def replicas(self) -> Optional[int]:
-        """``R``, the number of stacked replicas, or ``None``."""
+        """``R``, the number of stacked replicas in this batch, or ``None``."""
         return None if self.replica_seeds is None else len(self.replica_seeds)
+
+    @property
+    def total_replicas(self) -> Optional[int]:
+        """``K``, the replicas of the whole module (``R`` unless they are sharded over ranks), or ``None``."""
+        return self.total if self.replica_index is not None else self.replicas
+
+    def rows(self) -> Optional[tuple[int, ...]]:
+        """The replica index of each row of the replica axis (``0 … R−1`` unsharded), or ``None``."""
+        if self.replica_seeds is None:
+            return None
+        return self.replica_index if self.replica_index is not None else tuple(range(len(self.replica_seeds)))
+
+    def stream_rank(self, rank: int) -> int:
+        """The rank to mix into the random streams of this batch: 0 when sharded (a replica's streams are its own,
+        whichever rank steps it), else ``rank`` (each rank draws its own)."""
+        return 0 if self.replica_index is not None else int(rank)
 
     @property
     def leading_shape(self) -> tuple[int, ...]:
@@ -87,6 +116,18 @@ def step_layout(module: object) -> Optional[StepLayout]:
         raise ValueError(f"{type(module).__name__}.step_layout(): steps={layout.steps!r} must be an int >= 1.")
     if layout.replica_seeds is not None and len(layout.replica_seeds) == 0:
         raise ValueError(f"{type(module).__name__}.step_layout(): replica_seeds is empty; use None for one network.")
+    if layout.replica_index is not None:
+        index, total = layout.replica_index, layout.total
+        if layout.replica_seeds is None or len(index) != len(layout.replica_seeds):
+            raise ValueError(
+                f"{type(module).__name__}.step_layout(): replica_index={index!r} needs one entry per replica_seeds entry"
+                f" (replica_seeds={layout.replica_seeds!r})."
+            )
+        if not is_int(total) or not all(is_int(i) and 0 <= i < total for i in index):
+            raise ValueError(
+                f"{type(module).__name__}.step_layout(): replica_index={index!r} must hold indices in 0..total-1 with"
+                f" total={total!r} an int (the replicas of the whole module)."
+            )
     return layout
 
 

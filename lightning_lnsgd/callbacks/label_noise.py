@@ -23,7 +23,8 @@ Randomness comes from :class:`~lightning_lnsgd.rng.CounterRNG` (stream ``"label_
 ``rank = trainer.global_rank``): the draw of SGD step ``t`` is a pure function of ``(seed, rank, t)``. The draw
 counter advances by one per SGD step whether or not noise is on, is saved in the checkpoint, and is therefore
 resume-exact. A module that runs several SGD steps or stacked replicas per Lightning step says so through
-:mod:`lightning_lnsgd.protocol`; the callback knows nothing else about it.
+:mod:`lightning_lnsgd.protocol`; the callback knows nothing else about it. Replicas that such a module shards over
+DDP ranks draw their own streams with rank 0, whichever rank steps them (the protocol's ``stream_rank``).
 """
 
 from __future__ import annotations
@@ -329,12 +330,14 @@ class LabelNoise(Callback):
 
         shape = tuple(classes.shape[lead:])
         matrix = isinstance(self.transition, noise_draw.TransitionTable)
-        replica_levels = self.sigma if isinstance(self.sigma, list) and self.kind != "flip" else None
+        replica_levels = None  # one σ per row of the replica axis (a rank's block of replicas when they are sharded)
+        if isinstance(self.sigma, list) and self.kind != "flip" and layout is not None:
+            replica_levels = [self.sigma[i] for i in layout.rows() or ()]
         # A matrix's draw takes the schedule factor f: a label is redrawn from T with probability f.
         full = 1.0 if matrix else self.level
         level = noise_draw.label_levels(factors, full, replica_levels, labels.device, len(shape))
         noisy, mask, self.counter = self._streams.draw(
-            classes, self.counter, 0 if trainer is None else trainer.global_rank, replica_seeds,
+            classes, self.counter, self._stream_rank(trainer, layout), replica_seeds,
             None if lead == 0 else k, lead, level, self.num_classes, self.transition, keep,
         )
         if self.kind == "flip":
@@ -342,6 +345,12 @@ class LabelNoise(Callback):
             if self._class_targets().one_hot:
                 noisy = self._class_targets().to_one_hot(noisy, mask, labels)  # type: ignore[arg-type]
         return path, noisy
+
+    @staticmethod
+    def _stream_rank(trainer: Trainer | None, layout: StepLayout | None) -> int:
+        """The rank mixed into the noise stream: the trainer's, except for replicas sharded over ranks (protocol)."""
+        rank = 0 if trainer is None else int(trainer.global_rank)
+        return rank if layout is None else layout.stream_rank(rank)
 
     # ------------------------------------------------------------------ logging
 
@@ -386,7 +395,7 @@ class LabelNoise(Callback):
     def _check_sigma(self, layout: StepLayout | None) -> None:
         if not isinstance(self.sigma, list) or self.kind == "flip":
             return
-        replicas = 0 if layout is None or layout.replicas is None else layout.replicas
+        replicas = 0 if layout is None or layout.replicas is None else layout.total_replicas
         if replicas != len(self.sigma):
             raise ValueError(
                 f"LabelNoise: `sigma` lists {len(self.sigma)} values (one per stacked replica), but the module stacks"

@@ -147,9 +147,10 @@ def label_levels(
 
 class NoiseStreams:
     """The random streams of one :class:`~lightning_lnsgd.LabelNoise`: one :class:`CounterRNG` per (replica seeds,
-    DDP rank), seeded by ``seed`` (a stacked replica's stream by ``replica_stream(seed, replica seed)``).
+    rank), seeded by ``seed`` (a stacked replica's stream by ``replica_stream(seed, replica seed)``).
 
     A draw is a pure function of the seed, the rank, the replica seed and the counter of SGD steps drawn before it.
+    ``rank`` is the one the caller mixes in: the DDP rank, or 0 for replicas sharded over ranks (their own streams).
     """
 
     def __init__(self, kind: str, seed: int) -> None:

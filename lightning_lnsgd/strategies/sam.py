@@ -136,7 +136,7 @@ def _refusal(strategy: Any, trainer: Any) -> Optional[str]:
     if runs_sam_step(module):
         # The module runs the SAM step itself with this strategy's settings (lightning_lnsgd.protocol).
         layout = step_layout(module)
-        replicas = None if layout is None else layout.replicas
+        replicas = None if layout is None else layout.total_replicas  # all ranks' replicas, when sharded
         if isinstance(strategy.rho, list) and replicas != len(strategy.rho):
             return (
                 f"rho has {len(strategy.rho)} values (one per replica) but {type(module).__name__} runs "

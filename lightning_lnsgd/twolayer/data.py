@@ -81,7 +81,8 @@ class SparseTeacherDataModule(pl.LightningDataModule):
         teacher_norm: ‖θ⋆‖.
         teacher_nonzeros: number k of non-zero coordinates of θ⋆ (``None``: dense, k = d).
         batch_size: examples per SGD step, drawn uniformly with replacement from the training set.
-        seed: seeds the data, the teacher and the sampling stream (with the DDP rank mixed in).
+        seed: seeds the data, the teacher and the sampling stream (with the DDP rank mixed in, except for
+            replicas sharded over ranks: see :mod:`lightning_lnsgd.protocol`).
         steps_per_epoch: training batches per Lightning epoch (default ⌈n_train / batch_size⌉);
             an epoch only paces validation and epoch-end hooks, sampling is i.i.d. regardless.
 
@@ -133,7 +134,7 @@ class SparseTeacherDataModule(pl.LightningDataModule):
         self._sampler = CounterRNG(seed, stream="sampling")
         self._rank = 0
         self._train_loader: _DrawLoader | None = None
-        self._replica_sampler: tuple[tuple[int, ...], CounterRNG] | None = None
+        self._replica_sampler: tuple[tuple[tuple[int, ...], int], CounterRNG] | None = None
 
     # -- device placement and sampling ------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -148,18 +149,21 @@ class SparseTeacherDataModule(pl.LightningDataModule):
         self._sampler.load_state_dict(state)
         self._rank, self._replica_sampler = rank, None
 
-    def sample(self, n: int | None = None, replica_seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, n: int | None = None, replica_seeds: list[int] | None = None, rank: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws a training batch ``(x, y)`` uniformly with replacement from the training set.
 
         ``n`` stacks that many SGD steps' batches, ``(n, B, d)``, equal to n single draws;
         ``replica_seeds`` adds a leading replica axis, each replica sampling from its own stream
-        (seeded by the datamodule's seed and the replica's seed) in lockstep with this one.
+        (seeded by the datamodule's seed and the replica's seed) in lockstep with this one;
+        ``rank`` is the rank mixed into those streams (default: the DDP rank; 0 for replicas sharded over ranks).
         """
         sampler = self._sampler
         if replica_seeds is not None:
-            key = tuple(replica_seeds)
+            key = (tuple(replica_seeds), self._rank if rank is None else int(rank))
             if self._replica_sampler is None or self._replica_sampler[0] != key:
-                rng = CounterRNG([replica_stream(self.seed, s) for s in key], stream="sampling", rank=self._rank)
+                rng = CounterRNG([replica_stream(self.seed, s) for s in key[0]], stream="sampling", rank=key[1])
                 self._replica_sampler = (key, rng)
             sampler = self._replica_sampler[1]
             sampler.counter = self._sampler.counter
@@ -190,7 +194,11 @@ class SparseTeacherDataModule(pl.LightningDataModule):
             batch = (
                 self.sample()
                 if layout is None
-                else self.sample(n=layout.steps, replica_seeds=None if layout.replica_seeds is None else list(layout.replica_seeds))
+                else self.sample(
+                    n=layout.steps,
+                    replica_seeds=None if layout.replica_seeds is None else list(layout.replica_seeds),
+                    rank=layout.stream_rank(self._rank),
+                )
             )
             if self.trainer is not None:
                 batch = self.trainer.precision_plugin.convert_input(batch)

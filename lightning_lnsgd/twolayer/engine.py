@@ -8,6 +8,10 @@ each step of the escape-check and logging grids, and records from those copies, 
 without a host sync, the escape step and the dynamics at each logging step. :meth:`FusedEngine.flush`
 (called by the model at the end of its training step) writes them to the loggers: the only host syncs are
 one per Lightning step.
+
+With the replicas sharded over DDP ranks (:class:`~lightning_lnsgd.twolayer.shard.ReplicaShard`), the engine steps
+this rank's block of the stack in place, with the block's η and ρ, and records the block's escapes and dynamics;
+:meth:`FusedEngine.flush` then all-gathers the blocks, so that every rank holds, checks and logs the whole stack.
 """
 
 from __future__ import annotations
@@ -78,9 +82,14 @@ class FusedEngine:
     """Runs the fused closed-form steps of one :class:`TwoLayerLinear` inside a Lightning fit."""
 
     def __init__(self, model: TwoLayerLinear) -> None:
-        trainer = model.trainer  # world_size > 1 is refused in TwoLayerLinear.setup
+        trainer = model.trainer
         self.model = model
+        #: The replicas this rank steps (``None``: all; a block of them when sharded over ranks).
+        self.rows: slice | None = None if model.shard is None else model.shard.block
+        self._rows = ... if self.rows is None else self.rows  # an index of the replica axis (all of it: `...`)
         self.backend = kernels.resolve_backend(model.hparams.backend, model.W.device, tuple(model.W.shape[-2:]))
+        if self.backend == "numba" and model.shard is not None:
+            kernels.share_cpu_threads(trainer.num_devices)
         sam = sam_settings(trainer.strategy)
         if sam is not None and sam[2]:
             raise ValueError(
@@ -89,9 +98,11 @@ class FusedEngine:
             )
         self.sam_rho, self.sam_normalize = (None, True) if sam is None else (sam[0], sam[1])
         if isinstance(self.sam_rho, list):  # one ρ per replica: the strategy checked the count at setup
-            self.sam_rho = torch.tensor(self.sam_rho, dtype=model.W.dtype, device=model.W.device)
-        lr = model.lr_per_replica
+            self.sam_rho = torch.tensor(self.sam_rho, dtype=model.W.dtype, device=model.W.device)[self._rows]
+        lr = model.lr_per_replica[self._rows]
         replicas = "one network" if model.replica_seeds is None else f"{len(model.replica_seeds)} stacked replicas"
+        if model.shard is not None:
+            replicas += f" sharded over {len(model.shard.sizes)} ranks ({'+'.join(map(str, model.shard.sizes))})"
         rank_zero_info(
             f"TwoLayerLinear: the fused path on the {self.backend} backend ({model.W.device.type}), {replicas}, "
             f"{'SAM' if self.sam_rho is not None else 'SGD'} in closed form, up to {model.steps_per_batch} SGD steps per"
@@ -121,7 +132,7 @@ class FusedEngine:
         start = trainer.global_step
         every = trainer.log_every_n_steps
         check = model.recorder.escape_every()
-        W, a = model.W.detach(), model.a.detach()
+        W, a = model.W.detach()[self._rows], model.a.detach()[self._rows]  # views: the kernel steps them in place
         marks = set(range(check - start % check, k + 1, check)) if self._escape_open else set()
         if every > 0:
             marks.update(range(every - start % every, k + 1, every))
@@ -147,15 +158,17 @@ class FusedEngine:
         model = self.model
         at_check = [i for i, s in enumerate(steps) if s % check == 0] if self._escape_open else []
         if at_check:  # the check steps are evenly spaced by `check`
-            model.recorder.update_escape(steps[at_check[0]], check, _select(Ws, at_check))
+            model.recorder.update_escape(steps[at_check[0]], check, _select(Ws, at_check), self.rows)
         at_log = [i for i, s in enumerate(steps) if every > 0 and s % every == 0]
         if at_log:
-            values = model.dynamics(_select(Ws, at_log), _select(As, at_log))
+            values = model.recorder.values(_select(Ws, at_log), _select(As, at_log), self.rows)
             self._pending.append(([steps[i] for i in at_log], values))
 
     def flush(self) -> None:
         """Writes the snapshots and escapes of the last Lightning step (host syncs happen here)."""
         model = self.model
+        if model.shard is not None:
+            self._gather()
         model.recorder.check_finite(model.trainer.global_step)
         if self._escape_open:
             model.recorder.log_new_escapes()
@@ -167,6 +180,24 @@ class FusedEngine:
             # For StepProgressBar (Lightning's self.log costs ~1 ms a call, more than 1000 fused steps).
             model.progress_metrics = {"loss": last["train/loss"]}
         self._pending.clear()
+
+    @torch.no_grad()
+    def _gather(self) -> None:
+        """Every rank's block of the weights, the escape steps and the pending dynamics, on every rank (two
+        collectives: the weights in their dtype, the rest in float64, which holds steps and float32 values exactly)."""
+        model, shard = self.model, self.model.shard
+        assert shard is not None
+        W, a = model.W.detach(), model.a.detach()
+        full_W, full_a = shard.gather(model, [W[shard.block], a[shard.block]], [0, 0], W.dtype)
+        W.copy_(full_W)
+        a.copy_(full_a)
+        steps = [s for group, _ in self._pending for s in group]
+        tags = list(self._pending[0][1]) if self._pending else []
+        # The snapshot axis first, then the replica axis: one tensor per tag over all pending steps.
+        values = [torch.cat([v[tag] for _, v in self._pending]) for tag in tags]
+        gathered = shard.gather(model, [model.escape_step[shard.block], *values], [0] + [1] * len(values), torch.float64)
+        model.escape_step.copy_(gathered[0])
+        self._pending[:] = [(steps, dict(zip(tags, gathered[1:])))] if steps else []
 
 
 #: Seconds a kernel may take to get ready before the user is told that it is being compiled.

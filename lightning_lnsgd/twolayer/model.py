@@ -17,6 +17,7 @@ from ..strategies import sam_settings
 from . import engine
 from . import functional as F
 from .recorder import DivergenceError, Recorder
+from .shard import ReplicaShard
 
 __all__ = ["TwoLayerLinear", "DivergenceError"]
 
@@ -41,7 +42,8 @@ class TwoLayerLinear(pl.LightningModule):
         steps_per_batch: SGD steps k fused into one Lightning step (closed-form gradients).
         backend: ``"autograd"``: the generic Lightning path (``torch.optim.SGD``, automatic
             optimisation; works with any strategy, DDP included); ``"torch"``, ``"numba"``,
-            ``"triton"``: the fused closed-form path on that backend; ``"auto"``: the generic path
+            ``"triton"``: the fused closed-form path on that backend (under DDP it shards the replicas over
+            the ranks, see below); ``"auto"``: the generic path
             for one unstacked network with ``steps_per_batch=1``, else the fused path on the
             fastest backend for the device (triton on CUDA, numba on CPU when width ≥ dim, torch otherwise).
         log_replicas: per-replica curves (``train/loss``, ``dynamics/*``, ... of each replica) are written when
@@ -60,6 +62,14 @@ class TwoLayerLinear(pl.LightningModule):
     ``test/loss`` (clean labels, whole sets) and the ``dynamics/*`` tags of
     :func:`~lightning_lnsgd.twolayer.dynamics.two_layer_dynamics`; ``phase/escape_step`` once, the first
     multiple of ``min(100, log_every_n_steps)`` steps at which ``dynamics/lazy_distance`` exceeds 1.
+
+    DDP (fused path, ``strategy: ddp``, ``devices: N``, any ``num_nodes``): the K replicas are split into N contiguous
+    blocks (the first K mod N one larger; K < N is refused) and rank r steps block r, with each replica's own seeds,
+    samples, noise, η, σ and ρ, so every replica follows the trajectory it follows in one process, bit for bit. Every
+    rank holds all replicas: after each Lightning step the ranks all-gather their blocks (weights, escape steps and
+    the dynamics of the logging steps), rank 0 logs every replica's tags, and a checkpoint holds the whole sweep,
+    which resumes exactly on any number of ranks (one process included). The generic path keeps Lightning's DDP
+    (data parallel, one network).
     """
 
     def __init__(
@@ -116,14 +126,18 @@ class TwoLayerLinear(pl.LightningModule):
         else:
             inits = [F.ntk_init(width, dim, s, rs) for s, rs in zip(scales, self.replica_seeds)]
             W, a = torch.stack([w for w, _ in inits]), torch.stack([v for _, v in inits])
-        self.W = nn.Parameter(W, requires_grad=not self.fused)
-        self.a = nn.Parameter(a, requires_grad=not self.fused)
+        # Trained on both paths (the fused engine updates them in place, without autograd); DDP needs a parameter
+        # that requires grad to wrap the module.
+        self.W = nn.Parameter(W)
+        self.a = nn.Parameter(a)
         # The initial weights define the lazy ball; buffers travel with the module and the checkpoint.
         self.register_buffer("W0", W.clone())
         self.register_buffer("escape_step", torch.full(W.shape[:-2], -1, dtype=torch.int64))
         self.register_buffer("lr_per_replica", torch.tensor(rates if K is not None else rates[0]))
         self.teacher: torch.Tensor | None = None
         self._engine: engine.FusedEngine | None = None
+        #: The replicas this rank steps in a distributed fit of the fused path (``None``: all of them).
+        self.shard: ReplicaShard | None = None
         self.recorder = Recorder(self)
         #: Extra values for :class:`~lightning_lnsgd.progress.StepProgressBar` (the fused path's latest train loss).
         self.progress_metrics: dict[str, float] = {}
@@ -143,7 +157,8 @@ class TwoLayerLinear(pl.LightningModule):
         """Batch layout of the fused path: the replica seeds (or ``None``) and the SGD steps of this batch.
 
         The datamodule and :class:`~lightning_lnsgd.LabelNoise` shape their draws by it; ``None`` on the
-        generic path (plain ``(x, y)`` batches).
+        generic path (plain ``(x, y)`` batches). Under DDP it holds this rank's block of replicas: their seeds,
+        their indices in the sweep and the sweep's replica count.
         """
         if not self.fused:
             return None
@@ -151,6 +166,9 @@ class TwoLayerLinear(pl.LightningModule):
         trainer = trainer_of(self)
         if trainer is not None and trainer.max_steps > 0:
             k = max(1, min(k, trainer.max_steps - trainer.global_step))
+        if self.shard is not None:  # this rank's block of replicas; their streams stay their own
+            block = self.shard.block
+            return StepLayout(tuple(self.replica_seeds[block]), k, self.shard.index, self.shard.replicas)
         return StepLayout(None if self.replica_seeds is None else tuple(self.replica_seeds), k)
 
     def replica_settings(self) -> list[dict[str, float | int]] | None:
@@ -238,19 +256,36 @@ class TwoLayerLinear(pl.LightningModule):
         if self.fused and stage == "fit":
             for message in self.FUSED_PATH_MISREADINGS:
                 warnings.filterwarnings("ignore", message=message)
-
+        self.shard = None
+        world = self.trainer.world_size
+        if not (self.fused and stage == "fit" and world > 1):
+            return
         # Checked before the strategy wraps the module: DDP would fail first, with a less useful message.
-        if self.fused and stage == "fit" and self.trainer.world_size > 1:
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, pl.strategies.DDPStrategy):  # e.g. FSDP would shard W itself
             raise ValueError(
-                f"TwoLayerLinear: the fused path (backend={self.hparams.backend!r}, replicas={self.hparams.replicas!r}, "
-                f"steps_per_batch={self.steps_per_batch}) runs on one device; got world_size={self.trainer.world_size}."
-                " Use backend='autograd' for DDP, or stack the runs as replicas on one device."
+                f"TwoLayerLinear: the fused path shards its replicas with DDP; got strategy {type(strategy).__name__}: "
+                "use strategy ddp (or sam_ddp), or backend='autograd'."
             )
+        K = self.hparams.replicas
+        if K is None or K < world:
+            raise ValueError(
+                f"TwoLayerLinear: the fused path shards its replicas over the ranks, one block each; replicas={K!r} "
+                f"with world_size={world}: use replicas >= {world}, fewer devices, or backend='autograd' (data-parallel "
+                "DDP of one network)."
+            )
+        self.shard = ReplicaShard(K, world, self.trainer.global_rank)
+        warnings.filterwarnings("ignore", message=self.SHARDED_MISREADING)
+
+    #: With sharded replicas every rank validates the whole test set on the full, identical stack: there is nothing to
+    #: accumulate across ranks (and a cross-rank mean of equal values may round), so Lightning's advice misleads.
+    SHARDED_MISREADING = r"It is recommended to use `self\.log\('val/loss', \.\.\., sync_dist=True\)`"
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":  # the filters must not hide these warnings from other modules' fits in this process
+            ours = (*self.FUSED_PATH_MISREADINGS, self.SHARDED_MISREADING)
             warnings.filters[:] = [f for f in warnings.filters
-                                   if not (f[0] == "ignore" and getattr(f[1], "pattern", None) in self.FUSED_PATH_MISREADINGS)]
+                                   if not (f[0] == "ignore" and getattr(f[1], "pattern", None) in ours)]
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

@@ -57,20 +57,23 @@ class Recorder:
         return not bool(self.logged_escape.all())
 
     @torch.no_grad()
-    def update_escape(self, step: int, every: int = 1, W: torch.Tensor | None = None) -> None:
+    def update_escape(self, step: int, every: int = 1, W: torch.Tensor | None = None, replicas: slice | None = None) -> None:
         """Records the escape step of replicas that are outside the lazy ball for the first time (no host sync).
 
         ``W`` holds the weights at ``S`` check steps ``step, step + every, …`` (shape ``(S,) + W.shape``); by default
         the current weights at ``step``. A replica still inside the ball gets the first of them at which it is out.
+        ``replicas``: the block of replicas ``W`` holds (a rank's block under DDP); ``None``: all of them.
         """
         model = self.model
-        Ws = model.W.unsqueeze(0) if W is None else W
-        left = lazy_distance(Ws, model.W0) > 1.0  # (S,) + replica axes
+        rows = ... if replicas is None else replicas
+        W0, escape = model.W0[rows], model.escape_step[rows]  # views: the update writes into the buffer
+        Ws = model.W[rows].unsqueeze(0) if W is None else W
+        left = lazy_distance(Ws, W0) > 1.0  # (S,) + replica axes
         steps = step + every * torch.arange(len(Ws), device=left.device)
         steps = steps.reshape((-1,) + (1,) * (left.ndim - 1))
         first = torch.where(left, steps, torch.iinfo(torch.int64).max).amin(0)
-        new = left.any(0) & (model.escape_step < 0)
-        model.escape_step.copy_(torch.where(new, first, model.escape_step))
+        new = left.any(0) & (escape < 0)
+        escape.copy_(torch.where(new, first, escape))
 
     def log_new_escapes(self) -> None:
         """Logs ``phase/escape_step`` once per replica (into its own run, see :meth:`log_scalars`), at the escape
@@ -94,11 +97,14 @@ class Recorder:
             self.raise_divergence(step, None if finite.ndim == 0 else torch.nonzero(~finite).flatten().tolist())
 
     @torch.no_grad()
-    def values(self, W: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``) of the weights ``W``, ``a``, on device."""
+    def values(self, W: torch.Tensor, a: torch.Tensor, replicas: slice | None = None) -> dict[str, torch.Tensor]:
+        """Every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``) of the weights ``W``, ``a``, on device.
+
+        ``replicas``: the block of replicas ``W`` and ``a`` hold (a rank's block under DDP); ``None``: all of them."""
         model = self.model
-        teacher = model.teacher if model.teacher is not None else torch.zeros_like(model.W0[..., 0, :])
-        values = {f"dynamics/{k}": v for k, v in two_layer_dynamics(W, a, model.W0, teacher).items()}
+        W0 = model.W0 if replicas is None else model.W0[replicas]
+        teacher = model.teacher if model.teacher is not None else torch.zeros_like(W0[..., 0, :])
+        values = {f"dynamics/{k}": v for k, v in two_layer_dynamics(W, a, W0, teacher).items()}
         trainer = trainer_of(model)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if dm is not None and hasattr(dm, "x_train"):

@@ -727,6 +727,22 @@ def test_per_replica_sigma():
         cb.noisy_batch((torch.zeros(B),), _fake_trainer())
 
 
+def test_sharded_block_draws_its_replicas_own_noise_whatever_the_rank():
+    """A module that shards its replicas over DDP ranks: rank 1's block (replicas 3, 4 of 5) gets rows 3, 4 of what
+    one process draws, with their own σ."""
+    seeds, k, B = [4, 5, 6, 4, 7], 2, 3
+    cb = LabelNoise(target=0, sigma=[1.0, 2.0, 4.0, 8.0, 0.5], seed=1)
+    (full,) = cb.noisy_batch((torch.zeros(5, k, B),), _fake_trainer(FastModule(seeds, k)))
+    block = FastModule(seeds[3:], k)
+    block.layout = block.layout._replace(replica_index=(3, 4), total=5)
+    cb = LabelNoise(target=0, sigma=[1.0, 2.0, 4.0, 8.0, 0.5], seed=1)
+    (out,) = cb.noisy_batch((torch.zeros(2, k, B),), _fake_trainer(block, rank=1))
+    assert torch.equal(out, full[3:])
+    block.layout = block.layout._replace(replica_index=(3, 5))
+    with pytest.raises(ValueError, match=r"replica_index=\(3, 5\) must hold indices in 0..total-1 with total=5"):
+        cb.noisy_batch((torch.zeros(2, k, B),), _fake_trainer(block, rank=1))
+
+
 def test_layout_errors():
     cb = LabelNoise(target=0)
     with pytest.raises(ValueError, match=r"leading label dims \(2, 3\).*shape \(3, 3, 4\)"):

@@ -189,13 +189,6 @@ def test_per_replica_sigma_grid_equals_single_runs_and_escape_report(tmp_path):
         run(3, [1, 2, 3], [0.5, 3.0])
 
 
-def test_fused_path_refuses_ddp_with_a_clear_message():
-    model = TwoLayerLinear(dim=3, width=4, replicas=2)
-    model.trainer = make_trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-    with pytest.raises(ValueError, match="world_size=2. Use backend='autograd' for DDP"):
-        model.setup("fit")
-
-
 def test_triton_backend_through_fit_matches_torch_backend():
     """The GPU kernel inside a real fit, on the CPU through Triton's interpreter (tiny sizes)."""
     import os

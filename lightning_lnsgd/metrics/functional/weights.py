@@ -62,7 +62,9 @@ def alignment(W: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     >>> alignment(torch.tensor([[1.0, 2.0], [-3.0, 0.0]]), torch.tensor([1.0, 1.0]))
     tensor([3., 3.])
     """
-    return (W @ reference.unsqueeze(-1)).squeeze(-1).abs()
+    # Products reduced along d rather than a matrix product: a matrix product's rounding of one row depends on how many
+    # rows it multiplies at once, so a stacked replica (or a DDP rank's block of replicas) would measure differently.
+    return (W * reference.unsqueeze(-2)).sum(-1).abs()
 
 
 def cosine(W: torch.Tensor, reference: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:

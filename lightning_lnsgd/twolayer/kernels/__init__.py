@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .. import functional as F
 
-__all__ = ["available_backends", "prepare", "resolve_backend", "run_steps", "run_steps_torch"]
+__all__ = ["available_backends", "prepare", "resolve_backend", "run_steps", "run_steps_torch", "share_cpu_threads"]
 
 _BACKENDS = ("auto", "torch", "numba", "triton")
 SAM_EPS = 1e-12
@@ -63,6 +63,18 @@ def available_backends() -> list[str]:
     if _has("triton") and torch.cuda.is_available():
         out.append("triton")
     return out
+
+
+def share_cpu_threads(processes: int) -> int:
+    """Gives the numba kernel of this process ``cpu_count // processes`` threads (at least 1), for ``processes``
+    ranks sharing one machine, unless the user chose them with ``NUMBA_NUM_THREADS``; returns the number in use."""
+    import os
+
+    import numba
+
+    if processes > 1 and "NUMBA_NUM_THREADS" not in os.environ:
+        numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS // processes))
+    return numba.get_num_threads()
 
 
 def resolve_backend(backend: str, device: torch.device, width_dim: Optional[tuple[int, int]] = None) -> str:
