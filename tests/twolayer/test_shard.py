@@ -13,7 +13,7 @@ from lightning_lnsgd import SparseTeacherDataModule, TwoLayerLinear, compat
 from lightning_lnsgd.cli import main
 from lightning_lnsgd.twolayer.kernels import available_backends, share_cpu_threads
 from lightning_lnsgd.twolayer.shard import ReplicaShard
-from tests.conftest import make_trainer, read_scalars
+from tests.conftest import make_trainer, read_replicas, read_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 K, STEPS, EVERY = 5, 2000, 100
@@ -117,13 +117,16 @@ def _assert_same_state(got: dict, want: dict) -> None:
 def test_two_ranks_equal_one_process_tag_by_tag_and_resume_exactly(tmp_path):
     one = _config(tmp_path, "one")
     main(["fit", "--config", str(one)])
-    ref = read_scalars(one.parent / "runs")
+    ref, ref_replicas = read_scalars(one.parent / "runs"), read_replicas(one.parent / "runs")
 
     two = _config(tmp_path, "two")
     output = _fit_two_ranks(two)
-    # Every tag (each replica's, the means, escapes, validation, label noise) at every step, bit for bit.
+    # Every tag (the means, validation and label noise of the sweep's run, and each replica's own run with its
+    # escape step) at every step, bit for bit.
     assert read_scalars(two.parent / "runs") == ref
-    assert {f"phase/escape_step/r{k}" for k in (1, 2, 3, 4)} <= set(ref) and "dynamics/lazy_distance/r4" in ref
+    assert read_replicas(two.parent / "runs") == ref_replicas
+    assert sorted(ref_replicas) == list(range(K)) and "dynamics/lazy_distance" in ref_replicas[4]
+    assert all("phase/escape_step" in ref_replicas[k] for k in (1, 2, 3, 4))
     # The checkpoint of the 2-rank run holds all K replicas, equal to one process's.
     state = _final(two)
     assert state["W"].shape[0] == state["a"].shape[0] == K
@@ -140,11 +143,13 @@ def test_two_ranks_equal_one_process_tag_by_tag_and_resume_exactly(tmp_path):
     main(["fit", "--config", str(single), "--ckpt_path", mid])
     for config in (again, single):
         _assert_same_state(_final(config), _final(one))
-        resumed = read_scalars(config.parent / "runs")
-        for tag, points in resumed.items():
-            if tag == "hp_metric":  # the placeholder that Lightning writes at step 0 of every new log
-                continue
-            # A resumed run writes every replica's escape step (those from the checkpoint too), the rest after it.
-            after = ref[tag] if tag.startswith("phase/") else [p for p in ref[tag] if p[0] > STEPS // 2]
-            assert points == after, (config, tag)
-        assert "phase/escape_step/r1" in resumed  # replica 1 escapes at step 1600, after the resume
+        resumed, resumed_replicas = read_scalars(config.parent / "runs"), read_replicas(config.parent / "runs")
+        runs = [(resumed, ref)] + [(resumed_replicas[k], ref_replicas[k]) for k in sorted(resumed_replicas)]
+        for got, want in runs:
+            for tag, points in got.items():
+                if tag == "hp_metric":  # the placeholder that Lightning writes at step 0 of every new log
+                    continue
+                # A resumed run writes every replica's escape step (those from the checkpoint too), the rest after it.
+                after = want[tag] if tag.startswith("phase/") else [p for p in want[tag] if p[0] > STEPS // 2]
+                assert points == after, (config, tag)
+        assert "phase/escape_step" in resumed_replicas[1]  # replica 1 escapes at step 1600, after the resume
