@@ -45,13 +45,16 @@ def neuron_norms_sq(W: torch.Tensor) -> torch.Tensor:
     return W.square().sum(-1)
 
 
-def frobenius(W: torch.Tensor) -> torch.Tensor:
+def frobenius(W: torch.Tensor, *, norms_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Frobenius norm ‖W‖_F = (Σᵢ‖wᵢ‖²)^½ (weight), shape ``(...)``.
+
+    ``norms_sq``: the ‖wᵢ‖² of :func:`neuron_norms_sq`, when already at hand (one pass over ``W`` fewer). Summed per
+    neuron, then over neurons, so that the value of one matrix does not depend on what is stacked with it.
 
     >>> frobenius(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
     tensor(5.)
     """
-    return W.square().sum((-2, -1)).sqrt()
+    return (neuron_norms_sq(W) if norms_sq is None else norms_sq).sum(-1).sqrt()
 
 
 def alignment(W: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -67,14 +70,25 @@ def alignment(W: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (W * reference.unsqueeze(-2)).sum(-1).abs()
 
 
-def cosine(W: torch.Tensor, reference: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
+def cosine(
+    W: torch.Tensor,
+    reference: torch.Tensor,
+    eps: float = 1e-30,
+    *,
+    norms_sq: torch.Tensor | None = None,
+    align: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-neuron |cos| between wᵢ and ``v``: |⟨wᵢ, v⟩| / (‖wᵢ‖‖v‖), in [0, 1]; 0 for a zero neuron.
+
+    ``norms_sq`` (:func:`neuron_norms_sq`) and ``align`` (:func:`alignment`): the per-neuron values, when already at
+    hand (fewer passes over ``W``).
 
     >>> cosine(torch.tensor([[2.0, 0.0], [0.0, -5.0], [0.0, 0.0]]), torch.tensor([1.0, 0.0]))
     tensor([1., 0., 0.])
     """
-    denom = W.norm(dim=-1) * reference.norm(dim=-1, keepdim=True)
-    return alignment(W, reference) / denom.clamp_min(eps)
+    norms = (neuron_norms_sq(W) if norms_sq is None else norms_sq).sqrt()
+    denom = norms * reference.norm(dim=-1, keepdim=True)
+    return (alignment(W, reference) if align is None else align) / denom.clamp_min(eps)
 
 
 def lazy_distance(W: torch.Tensor, W0: torch.Tensor) -> torch.Tensor:
