@@ -38,6 +38,7 @@ from ..checks import is_int, is_real
 from ..compat import Callback, LightningModule, Trainer
 from ..protocol import StepLayout, step_layout
 from . import noise_draw
+from ._common import log_metrics
 from .batch import Swap, locate, path_str, replace, swap_in
 from .label_targets import (
     NUM_CLASSES_NAMES,
@@ -375,7 +376,7 @@ class LabelNoise(Callback):
             if self.kind == "flip":
                 values["label_noise/flipped_frac"] = self._flipped_frac(last["mask"], last["counted"], row)
             for logger in trainer.loggers:
-                logger.log_metrics(values, step=t)
+                log_metrics(logger, values, t)
 
     def _flipped_frac(self, mask: torch.Tensor | None, counted: torch.Tensor | None, row: int) -> float:
         """The fraction of the non-ignored labels of step row ``row`` that changed."""

@@ -3,9 +3,10 @@
 Per Lightning step the datamodule has drawn the samples of all k steps (and all replicas) and the
 :class:`~lightning_lnsgd.LabelNoise` callback has noised their targets, following the
 module's ``step_layout()`` (:mod:`lightning_lnsgd.protocol`). The engine runs the k steps with one call of
-:func:`lightning_lnsgd.kernels.run_steps` (torch, numba or triton) that keeps a copy of the weights at
-each step of the escape-check and logging grids, and records from those copies, on the device and
-without a host sync, the escape step and the dynamics at each logging step. :meth:`FusedEngine.flush`
+:func:`lightning_lnsgd.kernels.run_steps` (torch, numba or triton) that returns, for each step of the escape-check
+and logging grids, the weights' sums over the neurons (:func:`~lightning_lnsgd.twolayer.dynamics.weight_stats`: the
+numba kernel reduces the weights as it produces them, the other backends reduce copies), and records from those, on
+the device and without a host sync, the escape step and the dynamics at each logging step. :meth:`FusedEngine.flush`
 (called by the model at the end of its training step) writes them to the loggers: the only host syncs are
 one per Lightning step.
 
@@ -25,6 +26,7 @@ import torch
 from ..compat import add_optimizer_steps, rank_zero_info
 from ..strategies import sam_settings
 from . import kernels
+from .dynamics import lazy_from_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import TwoLayerLinear
@@ -124,7 +126,8 @@ class FusedEngine:
         """Runs the ``k = x.shape[-3]`` SGD steps of one batch and advances ``global_step`` by k.
 
         The steps on the escape-check grid (until every replica has escaped) and on the logging grid inside the
-        batch are the kernel's snapshot steps: one kernel call covers all k steps (several only when the snapshots
+        batch are the kernel's snapshot steps, where it returns the weights' statistics: one kernel call covers all k
+        steps (on the torch and triton backends, which copy the weights out to reduce them, several when the copies
         would exceed :attr:`SNAPSHOT_BYTES`).
         """
         model, trainer = self.model, self.model.trainer
@@ -133,10 +136,14 @@ class FusedEngine:
         every = trainer.log_every_n_steps
         check = model.recorder.escape_every()
         W, a = model.W.detach()[self._rows], model.a.detach()[self._rows]  # views: the kernel steps them in place
+        against = (model.W0[self._rows], model.recorder.teacher())
         marks = set(range(check - start % check, k + 1, check)) if self._escape_open else set()
         if every > 0:
             marks.update(range(every - start % every, k + 1, every))
-        per_call = max(1, self.SNAPSHOT_BYTES // ((W.numel() + a.numel()) * W.element_size()))
+        # The numba kernel reduces the weights at the marks itself; the other backends copy them out first.
+        per_call = len(marks) or 1
+        if self.backend != "numba":
+            per_call = max(1, self.SNAPSHOT_BYTES // ((W.numel() + a.numel()) * W.element_size()))
         ordered = sorted(marks)
         groups = [ordered[i : i + per_call] for i in range(0, len(ordered), per_call)] or [[]]
         pos = 0
@@ -145,23 +152,25 @@ class FusedEngine:
             out = kernels.run_steps(
                 W, a, x[..., pos:end, :, :], y[..., pos:end, :], self.lr,
                 sam_rho=self.sam_rho, sam_normalize=self.sam_normalize, backend=self.backend,
-                snapshots=[t - pos for t in group] if group else None,
+                snapshots=[t - pos for t in group] if group else None, stats_against=against,
             )
             if out is not None:
-                self._record([start + t for t in group], *out, check, every)
+                self._record([start + t for t in group], out, check, every)
             pos = end
         # Lightning counts optimizer steps; the fused steps are the run's SGD steps.
         add_optimizer_steps(trainer, k)
 
-    def _record(self, steps: list[int], Ws: torch.Tensor, As: torch.Tensor, check: int, every: int) -> None:
-        """Escape check and dynamics of the snapshots ``Ws``, ``As`` taken at ``steps`` (kept on device)."""
+    def _record(self, steps: list[int], stats: torch.Tensor, check: int, every: int) -> None:
+        """Escape check and dynamics from the :func:`~lightning_lnsgd.twolayer.dynamics.weight_stats` of the weights
+        at ``steps`` (kept on device)."""
         model = self.model
         at_check = [i for i, s in enumerate(steps) if s % check == 0] if self._escape_open else []
         if at_check:  # the check steps are evenly spaced by `check`
-            model.recorder.update_escape(steps[at_check[0]], check, _select(Ws, at_check), self.rows)
+            lazy = lazy_from_stats(_select(stats, at_check), model.W.shape[-2])
+            model.recorder.update_escape(steps[at_check[0]], check, lazy, self.rows)
         at_log = [i for i, s in enumerate(steps) if every > 0 and s % every == 0]
         if at_log:
-            values = model.recorder.values(_select(Ws, at_log), _select(As, at_log), self.rows)
+            values = model.recorder.values_from_stats(_select(stats, at_log))
             self._pending.append(([steps[i] for i in at_log], values))
 
     def flush(self) -> None:

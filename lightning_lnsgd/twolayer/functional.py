@@ -17,6 +17,7 @@ __all__ = [
     "end_to_end",
     "grads",
     "half_mse",
+    "half_mse_of_theta",
     "ntk_init",
     "predict",
     "sgd_step",
@@ -38,6 +39,12 @@ def predict(W: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def half_mse(W: torch.Tensor, a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Loss ½·mean_b (ŷ_b − y_b)² over the batch axis, shape ``(...)``."""
     return 0.5 * (predict(W, a, x) - y).square().mean(-1)
+
+
+def half_mse_of_theta(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`half_mse` of the network whose end-to-end predictor is ``theta`` ``(..., d)`` (computed in its dtype)."""
+    dt = theta.dtype
+    return 0.5 * ((x.to(dt) @ theta.unsqueeze(-1)).squeeze(-1) - y.to(dt)).square().mean(-1)
 
 
 def _theta_grad(

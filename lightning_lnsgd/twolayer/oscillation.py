@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..callbacks._common import log_metrics
 from ..compat import add_optimizer_steps, pl
 from ..rng import CounterRNG
 from . import functional as F
@@ -102,7 +103,7 @@ class OscillationOnly(pl.LightningModule):
         if self.global_step == 0:
             self._log(0)
             for logger in self.loggers:
-                logger.log_metrics({"oscillation/sqrt_eta": math.sqrt(self.hparams.lr)}, step=0)
+                log_metrics(logger, {"oscillation/sqrt_eta": math.sqrt(self.hparams.lr)}, 0)
 
     def _log(self, step: int) -> None:
         dm = self.trainer.datamodule
@@ -113,7 +114,7 @@ class OscillationOnly(pl.LightningModule):
         out = {f"dynamics/{k}": float(values[k]) for k in keep}
         out["train/loss"] = float(values["train/loss"])
         for logger in self.loggers:
-            logger.log_metrics(out, step=step)
+            log_metrics(logger, out, step)
 
     def configure_optimizers(self) -> None:
         return None

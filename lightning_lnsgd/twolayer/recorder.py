@@ -13,7 +13,7 @@ from ..compat import trainer_of
 from ..metrics import lazy_distance
 from ..strategies import sam_settings
 from . import functional as F
-from .dynamics import two_layer_dynamics
+from .dynamics import STATS, dynamics_from_stats, weight_stats
 from .replica_runs import ReplicaRuns
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,19 +57,23 @@ class Recorder:
         return not bool(self.logged_escape.all())
 
     @torch.no_grad()
-    def update_escape(self, step: int, every: int = 1, W: torch.Tensor | None = None, replicas: slice | None = None) -> None:
+    def update_escape(
+        self, step: int, every: int = 1, lazy: torch.Tensor | None = None, replicas: slice | None = None
+    ) -> None:
         """Records the escape step of replicas that are outside the lazy ball for the first time (no host sync).
 
-        ``W`` holds the weights at ``S`` check steps ``step, step + every, …`` (shape ``(S,) + W.shape``); by default
-        the current weights at ``step``. A replica still inside the ball gets the first of them at which it is out.
-        ``replicas``: the block of replicas ``W`` holds (a rank's block under DDP); ``None``: all of them.
+        ``lazy`` holds ``dynamics/lazy_distance`` at ``S`` check steps ``step, step + every, …`` (shape ``(S,)`` +
+        replica axes); by default that of the current weights at ``step``. A replica still inside the ball gets the
+        first of them at which it is out. ``replicas``: the block of replicas ``lazy`` covers (a rank's block under
+        DDP); ``None``: all of them.
         """
         model = self.model
         rows = ... if replicas is None else replicas
-        W0, escape = model.W0[rows], model.escape_step[rows]  # views: the update writes into the buffer
-        Ws = model.W[rows].unsqueeze(0) if W is None else W
-        left = lazy_distance(Ws, W0) > 1.0  # (S,) + replica axes
-        steps = step + every * torch.arange(len(Ws), device=left.device)
+        escape = model.escape_step[rows]  # a view: the update writes into the buffer
+        if lazy is None:
+            lazy = lazy_distance(model.W[rows], model.W0[rows]).unsqueeze(0)
+        left = lazy > 1.0  # (S,) + replica axes
+        steps = step + every * torch.arange(len(lazy), device=left.device)
         steps = steps.reshape((-1,) + (1,) * (left.ndim - 1))
         first = torch.where(left, steps, torch.iinfo(torch.int64).max).amin(0)
         new = left.any(0) & (escape < 0)
@@ -103,15 +107,27 @@ class Recorder:
         ``replicas``: the block of replicas ``W`` and ``a`` hold (a rank's block under DDP); ``None``: all of them."""
         model = self.model
         W0 = model.W0 if replicas is None else model.W0[replicas]
-        teacher = model.teacher if model.teacher is not None else torch.zeros_like(W0[..., 0, :])
-        values = {f"dynamics/{k}": v for k, v in two_layer_dynamics(W, a, W0, teacher).items()}
+        return self.values_from_stats(weight_stats(W, a, W0, self.teacher()))
+
+    @torch.no_grad()
+    def values_from_stats(self, stats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tags of :meth:`values` from the :func:`~lightning_lnsgd.twolayer.dynamics.weight_stats` of the
+        weights (as the fused numba kernel returns them), float64."""
+        model = self.model
+        teacher = self.teacher()
+        values = {f"dynamics/{k}": v for k, v in dynamics_from_stats(stats, model.W.shape[-2], teacher).items()}
         trainer = trainer_of(model)
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if dm is not None and hasattr(dm, "x_train"):
-            dt = W.dtype
-            values["train/loss"] = F.half_mse(W, a, dm.x_train.to(dt), dm.y_train.to(dt))
-            values["test/loss"] = F.half_mse(W, a, dm.x_test.to(dt), dm.y_test.to(dt))
+            theta = stats[..., len(STATS) :]
+            values["train/loss"] = F.half_mse_of_theta(theta, dm.x_train, dm.y_train)
+            values["test/loss"] = F.half_mse_of_theta(theta, dm.x_test, dm.y_test)
         return values
+
+    def teacher(self) -> torch.Tensor:
+        """θ⋆ of the datamodule (zeros without one), on the weights' device and in their dtype."""
+        model = self.model
+        return model.teacher if model.teacher is not None else model.W0.new_zeros(model.W0.shape[-1])
 
     def log_dynamics(self, step: int) -> None:
         """Logs the tags of the current weights at ``step``."""

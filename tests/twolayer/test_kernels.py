@@ -184,6 +184,30 @@ def test_snapshots_are_the_weights_after_those_steps(backend, device, mode, B):
     assert torch.equal(Ws[-1], Wk)
 
 
+@needs_numba
+@pytest.mark.parametrize("mode,B,replicas", [("sgd", 1, True), ("sgd", 3, False), ("sam", 1, True)])
+def test_numba_stats_equal_the_reduction_of_the_weights_at_those_steps(mode, B, replicas):
+    """With ``stats_against``, the numba kernel reduces the weights at the snapshot steps itself; the sums equal
+    ``weight_stats`` of the copies the torch backend takes (float64: to rounding), and the end weights are unchanged."""
+    from lightning_lnsgd.twolayer.dynamics import weight_stats
+
+    rho, norm = MODES[mode]
+    W, a, x, y, lr = problem(2, 16, 5, 300, B, torch.float64)
+    if not replicas:
+        W, a, x, y, lr = W[0].clone(), a[0].clone(), x[0].contiguous(), y[0].contiguous(), float(lr[0])
+    W0, teacher = W.clone() + 0.01, torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    snaps = [1, 100, 299, 300]
+    Wn, an, Wt, at = W.clone(), a.clone(), W.clone(), a.clone()
+    stats = K.run_steps(Wn, an, x, y, lr, sam_rho=rho, sam_normalize=norm, backend="numba", snapshots=snaps,
+                        stats_against=(W0, teacher))
+    Ws, As = K.run_steps(Wt, at, x, y, lr, sam_rho=rho, sam_normalize=norm, backend="torch", snapshots=snaps)
+    want = weight_stats(Ws, As, W0, teacher)
+    assert stats.shape == want.shape == (len(snaps),) + W.shape[:-2] + (5 + 5,) and stats.dtype == torch.float64
+    assert rel(stats, want) <= 1e-10
+    assert rel(Wn, Wt) <= 1e-12 and rel(an, at) <= 1e-12
+    assert float(want[..., 0].std()) > 0  # the snapshots differ: the test compares four distinct states
+
+
 @pytest.mark.parametrize("snaps", [[0], [5, 5], [7, 3], [301]])
 def test_snapshots_must_increase_within_the_run(snaps):
     W, a, x, y, lr = problem(1, 4, 2, 300, 1, torch.float64)

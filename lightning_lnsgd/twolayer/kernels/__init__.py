@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from ..dynamics import STATS, weight_stats
 
 __all__ = ["available_backends", "prepare", "resolve_backend", "run_steps", "run_steps_torch", "share_cpu_threads"]
 
@@ -218,7 +219,8 @@ def run_steps(
     sam_normalize: bool = True,
     backend: str = "auto",
     snapshots: Optional[Sequence[int]] = None,
-) -> Optional[tuple[Tensor, Tensor]]:
+    stats_against: Optional[tuple[Tensor, Tensor]] = None,
+) -> Optional[Union[tuple[Tensor, Tensor], Tensor]]:
     """Run ``k`` SGD (or SAM) steps of the two-layer linear model in place (see the module docstring for the math).
 
     Args:
@@ -234,10 +236,15 @@ def run_steps(
         snapshots: step counts ``0 < t₁ < t₂ < … ≤ k``: after ``tᵢ`` of the ``k`` steps, a copy of the weights is
             kept. The numba kernel writes them from inside its step loop (one call for all k steps); the other backends
             run the steps between two snapshots as separate calls.
+        stats_against: ``(W0, θ⋆)``, the initial weights (shaped like ``W``) and the teacher ``(d,)``: with
+            ``snapshots``, return the :func:`~lightning_lnsgd.twolayer.dynamics.weight_stats` of the weights at the
+            snapshot steps instead of copies of them. The numba kernel reduces the weights as it produces them,
+            without copying them out; the other backends reduce the copies.
 
     Returns:
         ``None`` without ``snapshots``; else ``(Ws, As)``, the weights after each snapshot step, with shapes
-        ``(S,) + W.shape`` and ``(S,) + a.shape`` (S = ``len(snapshots)``).
+        ``(S,) + W.shape`` and ``(S,) + a.shape`` (S = ``len(snapshots)``); with ``stats_against``, their statistics
+        ``(S,) + W.shape[:-2] + (5 + d,)`` in float64.
     """
     rep, R, k, B, m, d = _check(W, a, x, y)
     be = resolve_backend(backend, W.device, (m, d))
@@ -245,20 +252,19 @@ def run_steps(
         snaps = [int(t) for t in snapshots]
         if any(not 0 < t <= k for t in snaps) or any(b <= a_ for a_, b in zip(snaps, snaps[1:])):
             raise ValueError(f"run_steps: snapshots must increase strictly within 1..k={k}, got {snaps}.")
+        if be == "numba" and snaps and stats_against is not None:
+            stats = torch.empty((len(snaps), R, len(STATS) + d), dtype=torch.float64)
+            W0, teacher = stats_against
+            _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, snaps, stats=(W0, teacher, stats))
+            return stats if rep else stats[:, 0]
         Ws = W.new_empty((len(snaps),) + tuple(W.shape))
         As = a.new_empty((len(snaps),) + tuple(a.shape))
         if be == "numba" and snaps:
             _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, snaps, Ws, As)
-            return Ws, As
-        prev = 0
-        for i, t in enumerate(snaps):
-            run_steps(W, a, x[..., prev:t, :, :], y[..., prev:t, :], lr,
-                      sam_rho=sam_rho, sam_normalize=sam_normalize, backend=be)
-            Ws[i].copy_(W)
-            As[i].copy_(a)
-            prev = t
-        run_steps(W, a, x[..., prev:, :, :], y[..., prev:, :], lr,
-                  sam_rho=sam_rho, sam_normalize=sam_normalize, backend=be)
+        else:
+            _run_between_snapshots(W, a, x, y, lr, sam_rho, sam_normalize, be, snaps, Ws, As)
+        if stats_against is not None:
+            return weight_stats(Ws, As, *stats_against)
         return Ws, As
     if k == 0:
         return None
@@ -269,10 +275,26 @@ def run_steps(
     return None
 
 
+def _run_between_snapshots(
+    W: Tensor, a: Tensor, x: Tensor, y: Tensor, lr: Union[float, Tensor], sam_rho: Optional[Union[float, Tensor]],
+    sam_normalize: bool, be: str, snaps: list[int], Ws: Tensor, As: Tensor,
+) -> None:
+    """The steps between two snapshots as separate calls, copying the weights into ``Ws``, ``As`` after each."""
+    prev = 0
+    for i, t in enumerate(snaps):
+        run_steps(W, a, x[..., prev:t, :, :], y[..., prev:t, :], lr,
+                  sam_rho=sam_rho, sam_normalize=sam_normalize, backend=be)
+        Ws[i].copy_(W)
+        As[i].copy_(a)
+        prev = t
+    run_steps(W, a, x[..., prev:, :, :], y[..., prev:, :], lr, sam_rho=sam_rho, sam_normalize=sam_normalize, backend=be)
+
+
 def _run_compiled(
     be: str, rep: bool, R: int, W: Tensor, a: Tensor, x: Tensor, y: Tensor, lr: Union[float, Tensor],
     sam_rho: Optional[Union[float, Tensor]], sam_normalize: bool,
     snaps: Optional[list[int]] = None, Ws: Optional[Tensor] = None, As: Optional[Tensor] = None,
+    stats: Optional[tuple[Tensor, Tensor, Tensor]] = None,
 ) -> None:
     """The numba / triton call of :func:`run_steps` (arguments already checked)."""
     if W.dtype not in (torch.float32, torch.float64):
@@ -290,13 +312,19 @@ def _run_compiled(
 
         from . import numba_cpu
 
-        snap_args = None
+        snap_args = stats_args = None
         if snaps is not None:
+            m, d = W.shape[-2:]
+            if stats is not None:  # the weights are reduced, not copied: empty copy buffers
+                Ws, As = W.new_empty((0, R, m, d)), a.new_empty((0, R, m))
+                W0, teacher, out = stats
+                W0c = (W0 if rep else W0.unsqueeze(0)).to(W.dtype).contiguous()
+                stats_args = (W0c.numpy(), teacher.detach().double().contiguous().numpy(), out.numpy())
             assert Ws is not None and As is not None
             snap_args = (
                 np.asarray(snaps, dtype=np.int64),
-                Ws.view(len(snaps), R, *W.shape[-2:]).numpy(),
-                As.view(len(snaps), R, W.shape[-2]).numpy(),
+                Ws.view(-1, R, m, d).numpy(),
+                As.view(-1, R, m).numpy(),
             )
         numba_cpu.run(
             Wc.detach().numpy(),
@@ -307,6 +335,7 @@ def _run_compiled(
             None if rho_t is None else rho_t.numpy(),
             sam_normalize,
             snap_args,
+            stats_args,
         )
     else:
         from . import triton_gpu

@@ -49,13 +49,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import get_num_threads, njit
 
-__all__ = ["prepare", "run", "steps"]
+__all__ = ["STATS", "prepare", "run", "steps"]
 
 _FM = {"reassoc", "contract", "nsz"}
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, scratch, first, last):  # pragma: no cover - compiled
+def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, scratch, first, last):  # pragma: no cover
     """k SGD (``rho`` None) or SAM steps on replicas ``first`` … ``last − 1`` (see the module docstring).
 
     ``scratch`` ``(R, L)`` float64, one padded row per replica: S, P, Pᵀ and 11 vectors of length d + 1."""
@@ -63,6 +63,11 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, scratch, first, las
     k = x.shape[1]
     B = x.shape[2]
     D = d + 1
+    with_stats = ST.shape[0] > 0
+    ref_norm = 0.0
+    for p in range(ref.shape[0]):
+        ref_norm += ref[p] * ref[p]
+    ref_norm = math.sqrt(ref_norm)
     for r in range(first, last):
         xr = 0 if x.shape[0] == 1 else r
         eta = float(lr[r])
@@ -91,9 +96,11 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, scratch, first, las
                 # (wᵢ, aᵢ) ← P (wᵢ, aᵢ): into the next snapshot buffers when step t is one, else (t = k) in place.
                 # Accumulated as axpys over the columns of P (SIMD across the outputs), not one dot product per output.
                 into = si < snap.shape[0] and snap[si] == t
+                stats = into and with_stats
                 for p in range(D):
                     for q in range(D):
                         PT[q, p] = P[p, q]
+                norm_sq_sum, align_sum, cos_sum, lazy_min_sq, a_abs_sum = 0.0, 0.0, 0.0, math.inf, 0.0
                 for i in range(m):
                     for p in range(D):
                         acc[p] = 0.0
@@ -104,7 +111,18 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, scratch, first, las
                     zq = float(a[r, i])
                     for p in range(D):
                         acc[p] += zq * PT[d, p]
-                    if into:
+                    if stats:  # the per-neuron quantities of the dynamics tags, reduced over the neurons
+                        w_sq, dot, moved_sq = 0.0, 0.0, 0.0
+                        for p in range(d):
+                            w_sq += acc[p] * acc[p]
+                            dot += acc[p] * ref[p]
+                            moved_sq += (acc[p] - W0[r, i, p]) * (acc[p] - W0[r, i, p])
+                        norm_sq_sum += w_sq
+                        align_sum += abs(dot)
+                        cos_sum += abs(dot) / max(math.sqrt(w_sq) * ref_norm, 1e-30)
+                        lazy_min_sq = min(lazy_min_sq, moved_sq)
+                        a_abs_sum += abs(acc[d])
+                    elif into:
                         for p in range(d):
                             SW[si, r, i, p] = acc[p]
                         SA[si, r, i] = acc[d]
@@ -112,6 +130,14 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, scratch, first, las
                         for p in range(d):
                             W[r, i, p] = acc[p]
                         a[r, i] = acc[d]
+                if stats:
+                    ST[si, r, 0] = norm_sq_sum
+                    ST[si, r, 1] = align_sum
+                    ST[si, r, 2] = cos_sum
+                    ST[si, r, 3] = lazy_min_sq
+                    ST[si, r, 4] = a_abs_sum
+                    for p in range(d):
+                        ST[si, r, 5 + p] = S[p, d]  # θ = Σᵢ aᵢwᵢ, from the moments
                 if not into:
                     break
                 si += 1
@@ -240,20 +266,31 @@ def prepare(dtype: np.dtype, sam: bool) -> None:
     run(W, a, x, y, lr, lr if sam else None, True)
 
 
+#: The statistics :func:`run` returns per snapshot and replica with ``stats_against``, in this order, then θ (d values).
+STATS = ("norm_sq_sum", "alignment_sum", "cosine_sum", "lazy_min_sq", "a_abs_sum")
+
+
 def run(
-    W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool, snapshots=None
+    W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool, snapshots=None,
+    stats_against=None,
 ) -> None:
     """Runs :func:`steps`. All arrays C-contiguous, one float dtype; ``rho`` None (SGD) or ``(R,)`` (SAM);
     ``snapshots`` None or ``(snap, SW, SA)`` (see the module docstring). Replicas are split into as many blocks as
-    there are numba threads, one thread each."""
+    there are numba threads, one thread each.
+
+    ``stats_against`` ``(W0, v, ST)``: at the snapshot steps, instead of copying the weights into ``SW``, ``SA``
+    (then empty), reduce them into ``ST`` ``(S, R, 5 + d)`` float64: Σᵢ‖wᵢ‖², Σᵢ|⟨wᵢ, v⟩|, Σᵢ|cos(wᵢ, v)|,
+    minᵢ‖wᵢ − W0ᵢ‖², Σᵢ|aᵢ| (:data:`STATS`) and θ = Σᵢ aᵢwᵢ; ``W0`` like ``W``, ``v`` ``(d,)`` float64."""
     R, m, d = W.shape
     if snapshots is None:
         snapshots = (np.empty(0, np.int64), np.empty((0, R, m, d), W.dtype), np.empty((0, R, m), W.dtype))
+    if stats_against is None:
+        stats_against = (W, np.zeros(d), np.empty((0, R, 5 + d)))
     D = d + 1
     # One row per replica, padded to whole 64-byte lines plus one: threads never write a line another thread uses.
     width = -(-(3 * D * D + 11 * D) // 8) * 8 + 8
     scratch = np.empty((R, width))
-    args = (W, a, x, y, lr, rho, bool(normalize), 1e-12, *snapshots, scratch)
+    args = (W, a, x, y, lr, rho, bool(normalize), 1e-12, *snapshots, *stats_against, scratch)
     threads = min(R, get_num_threads())
     if threads <= 1:
         steps(*args, 0, R)
