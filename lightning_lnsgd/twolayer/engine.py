@@ -174,7 +174,7 @@ class FusedEngine:
             self._pending.append(([steps[i] for i in at_log], values))
 
     def flush(self) -> None:
-        """Writes the snapshots and escapes of the last Lightning step (host syncs happen here)."""
+        """Writes the dynamics and escapes of the last Lightning step (host syncs happen here)."""
         model = self.model
         if model.shard is not None:
             self._gather()
@@ -185,6 +185,8 @@ class FusedEngine:
         last: dict[str, float] = {}
         for steps, values in self._pending:
             last = model.recorder.log_dynamics_at(steps, values)
+        if self._pending:
+            model.recorder.drain_writers()
         if "train/loss" in last:
             # For StepProgressBar (Lightning's self.log costs ~1 ms a call, more than 1000 fused steps).
             model.progress_metrics = {"loss": last["train/loss"]}

@@ -9,7 +9,7 @@ import torch
 
 from ..callbacks._common import log_metrics
 from ..callbacks.label_noise import LabelNoise
-from ..compat import trainer_of
+from ..compat import plain_summary_writer, trainer_of
 from ..metrics import lazy_distance
 from ..strategies import sam_settings
 from . import functional as F
@@ -176,6 +176,17 @@ class Recorder:
             else:
                 log_metrics(logger, flat, step)
         return flat
+
+    def drain_writers(self) -> None:
+        """Waits until the TensorBoard writers this recorder writes to have written out what they were given.
+
+        A ``SummaryWriter`` writes on a thread of its own (about 0.1 ms of Python per event); draining it here, once
+        per Lightning step, keeps that work from competing with the next kernel call's threads for the cores."""
+        for logger in self.model.loggers:
+            writer = plain_summary_writer(logger)
+            if writer is not None:
+                writer.flush()
+        self.replica_runs.flush()
 
     def raise_divergence(self, step: int, replicas: list[int] | None = None) -> None:
         """Raises :class:`DivergenceError` naming the step, the replicas and what is in play: the step size η in

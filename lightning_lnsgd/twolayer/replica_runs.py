@@ -99,6 +99,12 @@ class ReplicaRuns(Callback):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.close()
 
+    def flush(self) -> None:
+        """Waits until every replica run has written out its events."""
+        for per_logger in self._writers.values():
+            for writer in per_logger:
+                writer.flush()
+
     def close(self) -> None:
         """Flushes and closes the replicas' runs (a no-op when none is open)."""
         writers, self._writers = self._writers, {}
