@@ -68,9 +68,16 @@ def hparams_session_groups(logdir: Any) -> list[Any]:
     """The session groups (rows) of TensorBoard's HPARAMS tab for ``logdir``, from TensorBoard's own hparams plugin
     handler over its event multiplexer: each with ``.hparams``, ``.metric_values`` and ``.sessions``."""
     from tensorboard import context
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.backend.event_processing import (
+        data_provider,
+        plugin_event_multiplexer,
+    )
     from tensorboard.plugins import base_plugin
-    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+    from tensorboard.plugins.hparams import (
+        api_pb2,
+        backend_context,
+        list_session_groups,
+    )
 
     logdir = str(logdir)
     mux = plugin_event_multiplexer.EventMultiplexer()

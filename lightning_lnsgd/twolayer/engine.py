@@ -221,8 +221,12 @@ def prepare_kernel(backend: str, dtype: torch.dtype, sam: bool) -> None:
     so while it happens, and another how long it took, so that a first run does not look hung."""
     notice = threading.Timer(
         COMPILE_NOTICE_AFTER, rank_zero_info,
-        (f"TwoLayerLinear: compiling the {backend} kernel (a few seconds, on the first run only: later runs load it "
-         "from the disk cache) ...",),
+        (
+            (
+                f"TwoLayerLinear: compiling the {backend} kernel (a few seconds, on the first run only: later runs load "
+                "it from the disk cache) ..."
+            ),
+        ),
     )
     notice.daemon = True
     start = time.perf_counter()

@@ -12,7 +12,12 @@ import urllib.request
 
 import pytest
 
-from lightning_lnsgd import HParamsSummary, LabelNoise, SparseTeacherDataModule, TwoLayerLinear
+from lightning_lnsgd import (
+    HParamsSummary,
+    LabelNoise,
+    SparseTeacherDataModule,
+    TwoLayerLinear,
+)
 from lightning_lnsgd.compat import Callback, TensorBoardLogger, pl
 from lightning_lnsgd.twolayer.replica_runs import run_names
 from tests.conftest import hparams_session_groups, make_trainer

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import numpy as np
 from numba import get_num_threads, njit
@@ -296,5 +297,5 @@ def run(
         steps(*args, 0, R)
         return
     bounds = np.linspace(0, R, threads + 1).astype(np.int64)
-    for future in [_pool(threads).submit(steps, *args, int(lo), int(hi)) for lo, hi in zip(bounds, bounds[1:])]:
+    for future in [_pool(threads).submit(steps, *args, int(lo), int(hi)) for lo, hi in pairwise(bounds)]:
         future.result()
