@@ -31,9 +31,9 @@ What each side relies on:
   rank that :meth:`StepLayout.stream_rank` returns (0, whichever rank runs the replica), so a replica sees the same
   samples and noise as in a one-process run. Without ``replica_index`` the batch holds all replicas (or one
   network), and each rank draws its own streams (the rank is mixed in), as for any DDP module.
-* **Per-replica hyper-parameters** (:class:`ReplicaSettings`, optional). A module with stacked replicas may say what
-  each replica runs with: one flat dict per replica (``{"seed": 3, "lr": 0.001, "sigma": 4.0}``). The
-  :class:`~lightning_lnsgd.HParamsSummary` callback then adds them as ``replica/<name>`` columns of TensorBoard's
+* **Per-replica hyper-parameters** (:meth:`MultiStepModule.replica_settings`). A module with stacked replicas says
+  what each replica runs with: one flat dict per replica (``{"seed": 3, "lr": 0.001, "sigma": 4.0}``), or ``None``.
+  The :class:`~lightning_lnsgd.HParamsSummary` callback then adds them as ``replica/<name>`` columns of TensorBoard's
   HPARAMS tab, for the rows that the module writes, one per replica.
 """
 
@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
 
 from .checks import is_int
 
-__all__ = ["MultiStepModule", "ReplicaSettings", "StepLayout", "replica_settings", "runs_sam_step", "step_layout"]
+__all__ = ["MultiStepModule", "StepLayout", "replica_settings", "runs_sam_step", "step_layout"]
 
 
 class StepLayout(NamedTuple):
@@ -99,6 +99,11 @@ class MultiStepModule(Protocol):
         """The layout of the coming Lightning step's batch, or ``None`` for one plain SGD step."""
         ...
 
+    def replica_settings(self) -> Optional[list[dict[str, Any]]]:
+        """One flat ``{name: bool, int, float or str}`` per stacked replica, the same names in each; ``None`` for one
+        network. Called while the module is attached to a trainer (from ``on_fit_start`` on)."""
+        ...
+
 
 def step_layout(module: object) -> Optional[StepLayout]:
     """``module.step_layout()`` for a :class:`MultiStepModule`, checked; ``None`` for any other module."""
@@ -136,19 +141,9 @@ def runs_sam_step(module: object) -> bool:
     return isinstance(module, MultiStepModule) and bool(module.runs_sam_step)
 
 
-@runtime_checkable
-class ReplicaSettings(Protocol):
-    """A LightningModule with stacked replicas that says what each replica runs with (optional, see the module)."""
-
-    def replica_settings(self) -> Optional[list[dict[str, Any]]]:
-        """One flat ``{name: bool, int, float or str}`` per stacked replica, the same names in each; ``None`` for one
-        network. Called while the module is attached to a trainer (from ``on_fit_start`` on)."""
-        ...
-
-
 def replica_settings(module: object) -> Optional[list[dict[str, Any]]]:
-    """``module.replica_settings()`` for a :class:`ReplicaSettings` module, checked; ``None`` for any other module."""
-    if not isinstance(module, ReplicaSettings):
+    """``module.replica_settings()`` for a :class:`MultiStepModule`, checked; ``None`` for any other module."""
+    if not isinstance(module, MultiStepModule):
         return None
     rows = module.replica_settings()
     if rows is None:

@@ -172,7 +172,7 @@ class TwoLayerLinear(pl.LightningModule):
         return StepLayout(None if self.replica_seeds is None else tuple(self.replica_seeds), k)
 
     def replica_settings(self) -> list[dict[str, float | int]] | None:
-        """What each stacked replica runs with (:class:`~lightning_lnsgd.protocol.ReplicaSettings`), ``None`` without
+        """What each stacked replica runs with (:meth:`~lightning_lnsgd.protocol.MultiStepModule.replica_settings`), ``None`` without
         replicas: its ``seed``, step size ``lr`` η in force, ``init_scale`` α and, when attached, the
         :class:`~lightning_lnsgd.LabelNoise` level (``sigma`` σ, or ``flip_prob``) and the SAM strategy's ``rho`` ρ."""
         if self.replica_seeds is None:

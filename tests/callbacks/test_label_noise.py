@@ -669,6 +669,9 @@ class FastModule:
     def step_layout(self):
         return self.layout
 
+    def replica_settings(self):
+        return None
+
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian", "flip"])
 def test_multi_step_chunking_and_replicas(kind):

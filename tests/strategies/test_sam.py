@@ -617,6 +617,9 @@ class FusedSAM(TinyModule):
     def step_layout(self) -> Optional[StepLayout]:
         return StepLayout(tuple(range(self.replicas)), 1)
 
+    def replica_settings(self) -> None:
+        return None
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
         self.seen_rho = sam_settings(self.trainer.strategy)[0]
 
