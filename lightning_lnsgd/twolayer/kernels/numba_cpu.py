@@ -29,7 +29,11 @@ for d > m a loop over W does less work, and ``backend="auto"`` then picks the to
 Snapshots: the kernel takes ``snap`` ``(S,)`` (increasing step counts in 1..k) and buffers ``SW`` ``(S, R, m, d)``,
 ``SA`` ``(S, R, m)``; after ``snap[s]`` steps replica r's weights are written to ``SW[s, r]``, ``SA[s, r]`` (S = 0:
 none). This lets the engine run all k steps of a Lightning step in one call and still read the weights on its
-escape-check and logging grids.
+escape-check and logging grids. With ``ST`` ``(S, R, 5 + d)`` non-empty it reads them without copying them out: at
+each snapshot step it forms every neuron's weights and sums what the logged tags need into ``ST[s, r]`` (the
+:data:`~lightning_lnsgd.twolayer.dynamics.STATS` of :func:`~lightning_lnsgd.twolayer.dynamics.weight_stats`, then θ
+from the moments), which saves the copies and the passes of torch over them. The SAM step's second gradient repeats
+the first one's loop rather than calling a compiled helper (see "Compile time").
 
 Compile time: the whole step is one compiled function with no compiled helpers and no ``parallel=True`` (each
 helper and numba's parallel pass add seconds of compilation on a first run and nothing to the speed), and SGD and
