@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -86,9 +87,9 @@ class FusedEngine:
     def __init__(self, model: TwoLayerLinear) -> None:
         trainer = model.trainer
         self.model = model
-        #: The replicas this rank steps (``None``: all; a block of them when sharded over ranks).
-        self.rows: slice | None = None if model.shard is None else model.shard.block
-        self._rows = ... if self.rows is None else self.rows  # an index of the replica axis (all of it: `...`)
+        #: The replicas this rank steps, as an index of the replica axis: all of them (``...``), or a block of them
+        #: when they are sharded over ranks.
+        self.rows: slice | EllipsisType = ... if model.shard is None else model.shard.block
         self.backend = kernels.resolve_backend(model.hparams.backend, model.W.device, tuple(model.W.shape[-2:]))
         if self.backend == "numba" and model.shard is not None:
             kernels.share_cpu_threads(trainer.num_devices)
@@ -100,8 +101,8 @@ class FusedEngine:
             )
         self.sam_rho, self.sam_normalize = (None, True) if sam is None else (sam[0], sam[1])
         if isinstance(self.sam_rho, list):  # one ρ per replica: the strategy checked the count at setup
-            self.sam_rho = torch.tensor(self.sam_rho, dtype=model.W.dtype, device=model.W.device)[self._rows]
-        lr = model.lr_per_replica[self._rows]
+            self.sam_rho = torch.tensor(self.sam_rho, dtype=model.W.dtype, device=model.W.device)[self.rows]
+        lr = model.lr_per_replica[self.rows]
         replicas = "one network" if model.replica_seeds is None else f"{len(model.replica_seeds)} stacked replicas"
         if model.shard is not None:
             replicas += f" sharded over {len(model.shard.sizes)} ranks ({'+'.join(map(str, model.shard.sizes))})"
@@ -135,8 +136,8 @@ class FusedEngine:
         start = trainer.global_step
         every = trainer.log_every_n_steps
         check = model.recorder.escape_every()
-        W, a = model.W.detach()[self._rows], model.a.detach()[self._rows]  # views: the kernel steps them in place
-        against = (model.W0[self._rows], model.recorder.teacher())
+        W, a = model.W.detach()[self.rows], model.a.detach()[self.rows]  # views: the kernel steps them in place
+        against = (model.W0[self.rows], model.recorder.teacher())
         marks = set(range(check - start % check, k + 1, check)) if self._escape_open else set()
         if every > 0:
             marks.update(range(every - start % every, k + 1, every))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from types import EllipsisType
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,17 +59,16 @@ class Recorder:
 
     @torch.no_grad()
     def update_escape(
-        self, step: int, every: int = 1, lazy: torch.Tensor | None = None, replicas: slice | None = None
+        self, step: int, every: int = 1, lazy: torch.Tensor | None = None, rows: slice | EllipsisType = ...
     ) -> None:
         """Records the escape step of replicas that are outside the lazy ball for the first time (no host sync).
 
         ``lazy`` holds ``dynamics/lazy_distance`` at ``S`` check steps ``step, step + every, …`` (shape ``(S,)`` +
         replica axes); by default that of the current weights at ``step``. A replica still inside the ball gets the
-        first of them at which it is out. ``replicas``: the block of replicas ``lazy`` covers (a rank's block under
-        DDP); ``None``: all of them.
+        first of them at which it is out. ``rows``: the replicas ``lazy`` covers, as an index of the replica axis (a
+        rank's block under DDP; ``...``: all of them).
         """
         model = self.model
-        rows = ... if replicas is None else replicas
         escape = model.escape_step[rows]  # a view: the update writes into the buffer
         if lazy is None:
             lazy = lazy_distance(model.W[rows], model.W0[rows]).unsqueeze(0)
@@ -101,13 +101,9 @@ class Recorder:
             self.raise_divergence(step, None if finite.ndim == 0 else torch.nonzero(~finite).flatten().tolist())
 
     @torch.no_grad()
-    def values(self, W: torch.Tensor, a: torch.Tensor, replicas: slice | None = None) -> dict[str, torch.Tensor]:
-        """Every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``) of the weights ``W``, ``a``, on device.
-
-        ``replicas``: the block of replicas ``W`` and ``a`` hold (a rank's block under DDP); ``None``: all of them."""
-        model = self.model
-        W0 = model.W0 if replicas is None else model.W0[replicas]
-        return self.values_from_stats(weight_stats(W, a, W0, self.teacher()))
+    def values(self, W: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``) of the weights ``W``, ``a``, on device."""
+        return self.values_from_stats(weight_stats(W, a, self.model.W0, self.teacher()))
 
     @torch.no_grad()
     def values_from_stats(self, stats: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -137,7 +133,7 @@ class Recorder:
     def log_dynamics_at(self, steps: list[int], values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Logs ``values`` (each ``(len(steps), …)``) at ``steps``: one device-to-host copy per tag.
 
-        Returns what was logged at the last step."""
+        Returns the means over replicas logged at the last step."""
         host = {tag: v.detach().double().cpu() for tag, v in values.items()}
         finite = torch.stack([torch.isfinite(v).reshape(len(steps), -1).all(1) for v in host.values()]).all(0)
         if not bool(finite.all()):
@@ -145,37 +141,36 @@ class Recorder:
         # Means and per-replica rows of all steps at once, as Python floats: no tensor op per step and tag.
         means_all = {tag: (v.reshape(len(steps), -1).mean(1) if v.ndim > 1 else v).tolist() for tag, v in host.items()}
         per_replica = {tag: v.tolist() for tag, v in host.items() if v.ndim > 1 and v.shape[1] <= self.model.hparams.log_replicas}
-        flat: dict[str, float] = {}
+        means: dict[str, float] = {}
         for i, step in enumerate(steps):
             means = {tag: m[i] for tag, m in means_all.items()}
             rows: dict[int, dict[str, float]] = {}
             for tag, v in per_replica.items():
                 for k, x in enumerate(v[i]):
                     rows.setdefault(k, {})[tag] = x
-            flat = self.log_scalars(means, step, rows)
-        return flat
+            self.log_scalars(means, step, rows)
+        return means
 
     def log_scalars(
         self, values: dict[str, float], step: int, replicas: dict[int, dict[str, float]] | None = None
-    ) -> dict[str, float]:
+    ) -> None:
         """Writes ``values`` to every logger at SGD step ``step``, and replica k's ``{tag: value}`` of ``replicas``
-        into its own run of a TensorBoard logger, as ``<tag>/r{k}`` to any other logger.
-
-        Returns the values with the per-replica ones as ``<tag>/r{k}``, each after its plain tag."""
+        into its own run of a TensorBoard logger, as ``<tag>/r{k}`` (each after its plain tag) to any other logger."""
         replicas = replicas or {}
-        flat: dict[str, float] = {}
-        for tag in dict.fromkeys([*values, *(t for row in replicas.values() for t in row)]):
-            if tag in values:
-                flat[tag] = values[tag]
-            flat.update({f"{tag}/r{k}": row[tag] for k, row in sorted(replicas.items()) if tag in row})
         runs = self.replica_runs
+        flat: dict[str, float] | None = None
         for logger in self.model.loggers:
             if runs.serves(logger):
                 log_metrics(logger, values, step)
                 runs.write(logger, replicas, step)
-            else:
-                log_metrics(logger, flat, step)
-        return flat
+                continue
+            if flat is None:
+                flat = {}
+                for tag in dict.fromkeys([*values, *(t for row in replicas.values() for t in row)]):
+                    if tag in values:
+                        flat[tag] = values[tag]
+                    flat.update({f"{tag}/r{k}": row[tag] for k, row in sorted(replicas.items()) if tag in row})
+            log_metrics(logger, flat, step)
 
     def drain_writers(self) -> None:
         """Waits until the TensorBoard writers this recorder writes to have written out what they were given.
