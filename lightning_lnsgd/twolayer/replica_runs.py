@@ -36,6 +36,11 @@ def run_names(settings: list[dict[str, Any]]) -> list[str]:
     return names
 
 
+def _hparams_summary(trainer: Any) -> HParamsSummary | None:
+    """The fit's :class:`~lightning_lnsgd.HParamsSummary`, if one is attached (it writes the replicas' rows)."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, HParamsSummary)), None)
+
+
 def _short(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -78,7 +83,7 @@ class ReplicaRuns(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         names = self.names
-        summary = next((cb for cb in trainer.callbacks if isinstance(cb, HParamsSummary)), None)
+        summary = _hparams_summary(trainer)
         for logger in trainer.loggers:
             if not is_tensorboard_logger(logger):
                 continue
@@ -89,7 +94,7 @@ class ReplicaRuns(Callback):
                     summary.write_session_start(writer, trainer, pl_module, replica=k)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        summary = next((cb for cb in trainer.callbacks if isinstance(cb, HParamsSummary)), None)
+        summary = _hparams_summary(trainer)
         if summary is not None:
             for writers in self._writers.values():
                 for writer in writers:
