@@ -188,21 +188,6 @@ def is_tensorboard_logger(obj: Any) -> bool:
     return isinstance(obj, _of_every_package("loggers.TensorBoardLogger"))
 
 
-def plain_summary_writer(logger: Any) -> Any:
-    """The ``SummaryWriter`` that ``logger.log_metrics`` writes through, when writing to it directly writes the same
-    events: ``logger`` is a ``TensorBoardLogger`` of any installed package, without a tag prefix, on global rank 0.
-    ``None`` otherwise (then use ``logger.log_metrics``).
-
-    Internal: ``TensorBoardLogger`` keeps its ``prefix`` argument in ``_prefix``; a logger without that attribute is
-    treated as prefixed, so a release that renames it only costs speed.
-    """
-    if not is_tensorboard_logger(logger) or getattr(logger, "_prefix", "-") != "":
-        return None
-    if pl.utilities.rank_zero_only.rank != 0:
-        return None
-    return logger.experiment
-
-
 def misconfiguration_errors() -> tuple[type, ...]:
     """``MisconfigurationException`` of every installed package (a user's module raises its own package's)."""
     return _of_every_package("utilities.exceptions.MisconfigurationException")
@@ -225,6 +210,21 @@ def add_optimizer_steps(trainer: Any, n: int) -> None:
     for tracker in (progress.total, progress.current):
         tracker.ready += n
         tracker.completed += n
+
+
+def plain_summary_writer(logger: Any) -> Any:
+    """The ``SummaryWriter`` that ``logger.log_metrics`` writes through, when writing to it directly writes the same
+    events: ``logger`` is a ``TensorBoardLogger`` of any installed package, without a tag prefix, on global rank 0.
+    ``None`` otherwise (then use ``logger.log_metrics``).
+
+    Internal: ``TensorBoardLogger`` keeps its ``prefix`` argument in ``_prefix``; a logger without that attribute is
+    treated as prefixed, so a release that renames it only costs speed.
+    """
+    if not is_tensorboard_logger(logger) or getattr(logger, "_prefix", "-") != "":
+        return None
+    if pl.utilities.rank_zero_only.rank != 0:
+        return None
+    return logger.experiment
 
 
 @contextlib.contextmanager
