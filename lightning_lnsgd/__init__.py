@@ -1,7 +1,7 @@
 """lightning_lnsgd: label-noise SGD and SAM as PyTorch Lightning plug-ins (arXiv 2603.10397).
 
 Layout: ``callbacks``, ``strategies`` and ``metrics`` are the plug-ins for any LightningModule; ``twolayer`` is
-the paper's model with its data, fused engine and kernels; ``examples`` are the real-network examples.
+the paper's model with its data, fused engine and kernels; ``nn`` holds modules for any network (:class:`Linearized`); ``examples`` are the real-network examples.
 """
 
 from .callbacks import (
@@ -19,6 +19,7 @@ from .examples import (
     MLPClassifier,
     ResNet18,
 )
+from .nn import Linearized
 from .protocol import MultiStepModule, StepLayout
 from .rng import CounterRNG
 from .strategies import SAMDDPStrategy, SAMStrategy, is_perturbed_pass, sam_perturbation
@@ -41,6 +42,7 @@ __all__ = [
     "ImageClassifier",
     "LabelNoise",
     "Laziness",
+    "Linearized",
     "MLPClassifier",
     "MultiStepModule",
     "OscillationOnly",

@@ -10,6 +10,7 @@ MODULES = [
     "lightning_lnsgd.metrics.functional.laziness",
     "lightning_lnsgd.metrics.weights",
     "lightning_lnsgd.callbacks.pruning",
+    "lightning_lnsgd.nn.linearized",
 ]
 
 

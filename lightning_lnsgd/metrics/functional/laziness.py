@@ -51,11 +51,14 @@ __all__ = [
     "empirical_ntk",
     "eval_mode",
     "first_examples",
+    "first_order_terms",
     "kernel_distance",
     "linearization_gap",
     "map_tensors",
+    "network_function",
     "num_examples",
     "parameters_and_buffers",
+    "relative_kernel_change",
 ]
 
 Params = dict[str, torch.Tensor]
@@ -207,9 +210,14 @@ class _Called(nn.Module):
         return self.call(self.module, batch)
 
 
-def _network(model: nn.Module, forward: Optional[Forward]) -> Callable[[Params, Params, Any], torch.Tensor]:
+def network_function(model: nn.Module, forward: Optional[Forward] = None) -> Callable[[Params, Params, Any], torch.Tensor]:
     """``f(params, buffers, batch)``: the network's output on ``batch`` with the given parameters and buffers (named as
-    in ``model``); ``model(batch)`` or ``forward(model, batch)``."""
+    in ``model``, swapped in through ``functional_call``); ``model(batch)`` or ``forward(model, batch)``.
+
+    >>> f = network_function(nn.Linear(1, 1))
+    >>> f({"weight": torch.tensor([[2.0]]), "bias": torch.tensor([1.0])}, {}, torch.tensor([[3.0]]))
+    tensor([[7.]])
+    """
     target, prefix = (model, "") if forward is None else (_Called(model, forward), "module.")
 
     def f(params: Params, buffers: Params, batch: Any) -> torch.Tensor:
@@ -223,6 +231,35 @@ def _network(model: nn.Module, forward: Optional[Forward]) -> Callable[[Params, 
         return out
 
     return f
+
+
+def first_order_terms(
+    network: Callable[[Params, Params, Any], torch.Tensor],
+    params0: Mapping[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    buffers0: Mapping[str, torch.Tensor],
+    batch: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f(x; θ₀), J_θ₀ f(x) · (θ − θ₀))``: the two terms of the first-order Taylor model, from one ``torch.func.jvp``
+    of ``network`` (see :func:`network_function`) at θ₀ = ``params0`` in the direction θ − θ₀ (≈ 3 forward passes).
+
+    The second term is differentiable in ``params`` (θ) by ordinary autograd; ``params0`` and ``buffers0`` are
+    constants. The names of ``params0`` are the ones differentiated.
+
+    f(w) = w² x at x = 1, w₀ = 1, w = 3: f(w₀) = 1 and f'(w₀)·(w − w₀) = 2 · 2 = 4:
+
+    >>> square = lambda p, b, x: p["w"] ** 2 * x
+    >>> first_order_terms(square, {"w": torch.tensor(1.0)}, {"w": torch.tensor(3.0)}, {}, torch.tensor(1.0))
+    (tensor(1.), tensor(4.))
+    """
+    names = list(params0)
+    p0 = tuple(params0[n] for n in names)
+    delta = tuple(params[n] - params0[n] for n in names)
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return network(dict(zip(names, ps)), dict(buffers0), batch)
+
+    return jvp(f, p0, delta)
 
 
 def linearization_gap(
@@ -258,20 +295,13 @@ def linearization_gap(
     params = dict(cur_params if params is None else params)
     buffers = dict(cur_buffers if buffers is None else buffers)
     buffers0 = dict(buffers if buffers0 is None else buffers0)
-    names = list(params0)
-    if set(names) != set(params):
+    if set(params0) != set(params):
         raise ValueError(f"linearization_gap: params0 has {sorted(params0)} but the model has {sorted(params)}.")
-    p0 = tuple(params0[n].detach() for n in names)
-    delta = tuple(params[n].detach() - params0[n].detach() for n in names)
-
-    net = _network(model, forward)
-
-    def f(*ps: torch.Tensor) -> torch.Tensor:
-        return net(dict(zip(names, ps)), buffers0, x)
-
+    p0 = {n: v.detach() for n, v in params0.items()}
+    net = network_function(model, forward)
     with eval_mode(model), autodiff_kernels(model), torch.no_grad():
         f_t = net(params, buffers, x)
-        f_0, jv = jvp(f, p0, delta)
+        f_0, jv = first_order_terms(net, p0, params, buffers0, x)
     moved = (f_t - f_0).double()
     residual = moved - jv.double()
     num, den = residual.norm(), moved.norm()
@@ -306,7 +336,7 @@ def empirical_ntk(
     params = dict(cur_params if params is None else params)
     buffers = dict(cur_buffers if buffers is None else buffers)
     names = list(params)
-    net = _network(model, forward)
+    net = network_function(model, forward)
     k, examples = num_examples(x), _example_tensors(x)
     ps = {n: params[n].detach() for n in names}
 
@@ -333,6 +363,17 @@ def empirical_ntk(
                 ) from err
         K = rows @ rows.T
     return K.double()
+
+
+def relative_kernel_change(K0: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """‖K − K₀‖_F / ‖K₀‖_F, the relative change of the empirical NTK (the quantity that lazy-training theory bounds by
+    O(m^-1/2) in the width m); a 0-dim float64 tensor. Unlike :func:`kernel_distance` it also sees a change of scale.
+
+    >>> relative_kernel_change(torch.eye(2), 3 * torch.eye(2))
+    tensor(2., dtype=torch.float64)
+    """
+    K0, K = K0.double(), K.double()
+    return (K - K0).norm() / K0.norm().clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def kernel_distance(K0: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
