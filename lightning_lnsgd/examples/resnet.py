@@ -1,4 +1,5 @@
-"""Backbones for :class:`~lightning_lnsgd.vision.ImageClassifier`: the CIFAR ResNet-18 and a flat MLP.
+"""Backbones for :class:`~lightning_lnsgd.vision.ImageClassifier`: the CIFAR ResNet-18 and a flat MLP (standard or NTK
+parameterisation).
 
 :class:`ResNet18` is the CIFAR variant used by the paper's Fig. 1 runs (and by HaoChen et al. 2021, Damian et al.
 2021): a 3×3 stride-1 stem convolution, no max-pool, four stages of two BasicBlocks with widths 64, 128, 256, 512
@@ -15,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BasicBlock", "ImageMLP", "ResNet18"]
+__all__ = ["ACTIVATIONS", "BasicBlock", "ImageMLP", "NTKLinear", "ResNet18"]
+
+#: The MLP's activations by name.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 class BasicBlock(nn.Module):
@@ -84,13 +88,54 @@ class ResNet18(nn.Module):
         return self.fc(out)
 
 
-class ImageMLP(nn.Module):
-    """Flattens the image and applies ReLU layers ``hidden`` and a linear head.
+class NTKLinear(nn.Linear):
+    """A linear layer in the NTK parameterisation (Jacot et al. 2018): y = W x / √fan_in + β b with W and b drawn
+    N(0, 1), so that the network's tangent kernel has a limit as the width grows and training becomes lazy.
 
-    Module paths: ``layers.0``, ``layers.2``, ... (the Linear layers; ReLUs in between) and ``fc`` (the head).
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        bias: learn the bias b.
+        bias_scale: β, the bias multiplier (Jacot et al. use 0.1).
+
+    The parameters keep ``nn.Linear``'s names and shapes (``weight``, ``bias``); only their scale and the forward differ.
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int = 10, hidden: Sequence[int] = (512,)) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bias_scale: float = 0.1) -> None:
+        self.bias_scale = float(bias_scale)
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+        if self.bias is not None:
+            nn.init.normal_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight) / self.in_features**0.5
+        return out if self.bias is None else out + self.bias_scale * self.bias
+
+
+class ImageMLP(nn.Module):
+    """Flattens the image and applies layers ``hidden`` with ``activation`` after each, and a linear head.
+
+    Args:
+        input_shape: ``[C, H, W]`` of the images.
+        num_classes: outputs of the head.
+        hidden: hidden widths.
+        activation: ``"relu"`` or ``"tanh"``.
+        parameterization: ``"standard"`` (``nn.Linear``: PyTorch's uniform initialisation) or ``"ntk"``
+            (:class:`NTKLinear`: weights N(0, 1), each layer's output scaled by 1/√fan_in; the head too).
+
+    Module paths: ``layers.0``, ``layers.2``, ... (the linear layers; activations in between) and ``fc`` (the head).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int = 10,
+        hidden: Sequence[int] = (512,),
+        activation: str = "relu",
+        parameterization: str = "standard",
+    ) -> None:
         super().__init__()
         dim = 1
         for s in input_shape:
@@ -100,12 +145,17 @@ class ImageMLP(nn.Module):
                 f"ImageMLP: need a non-empty input shape, num_classes >= 1 and hidden widths >= 1; got "
                 f"input_shape={list(input_shape)}, num_classes={num_classes}, hidden={list(hidden)}."
             )
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ImageMLP: activation={activation!r} must be one of {sorted(ACTIVATIONS)}.")
+        if parameterization not in ("standard", "ntk"):
+            raise ValueError(f"ImageMLP: parameterization={parameterization!r} must be 'standard' or 'ntk'.")
+        linear = NTKLinear if parameterization == "ntk" else nn.Linear
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(dim, int(h)), nn.ReLU()]
+            layers += [linear(dim, int(h)), ACTIVATIONS[activation]()]
             dim = int(h)
         self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = linear(dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.layers(x.flatten(1)))

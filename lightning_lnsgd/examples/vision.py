@@ -24,7 +24,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..compat import LightningDataModule, LightningModule, trainer_of
 from ..strategies.sam import is_perturbed_pass
 from .cifar import CIFAR10DataModule, ImageBatches, collate_batch
-from .resnet import ImageMLP, ResNet18
+from ..nn import Linearized
+from .resnet import ACTIVATIONS, ImageMLP, ResNet18
 
 __all__ = ["CIFAR10DataModule", "DigitsDataModule", "ImageClassifier", "ImageMLP", "ResNet18", "build_backbone"]
 
@@ -117,18 +118,25 @@ class DigitsDataModule(LightningDataModule):
 # ImageClassifier
 # ------------------------------------------------------------------------------------------------------------------
 def build_backbone(
-    name: str, num_classes: int, input_shape: Sequence[int], width: float = 1.0, hidden: Sequence[int] = (512,)
+    name: str,
+    num_classes: int,
+    input_shape: Sequence[int],
+    width: float = 1.0,
+    hidden: Sequence[int] = (512,),
+    activation: str = "relu",
+    parameterization: str = "standard",
 ) -> nn.Module:
-    """``"resnet18"``: :class:`ResNet18` (``width``, in_channels = input_shape[0]); ``"mlp"``: :class:`ImageMLP`."""
+    """``"resnet18"``: :class:`ResNet18` (``width``, in_channels = input_shape[0]); ``"mlp"``: :class:`ImageMLP`
+    (``hidden``, ``activation``, ``parameterization``)."""
     if name == "resnet18":
         return ResNet18(num_classes=num_classes, in_channels=int(input_shape[0]), width=width)
     if name == "mlp":
-        return ImageMLP(input_shape, num_classes=num_classes, hidden=hidden)
+        return ImageMLP(input_shape, num_classes, hidden, activation, parameterization)
     raise ValueError(f"ImageClassifier: unknown `backbone` {name!r}; choose 'resnet18' or 'mlp', or pass an nn.Module.")
 
 
 class ImageClassifier(LightningModule):
-    """An image classifier trained by SGD on cross-entropy.
+    """An image classifier trained by SGD on cross-entropy (or on the squared error to one-hot targets).
 
     Args:
         backbone: ``"resnet18"`` (CIFAR ResNet-18), ``"mlp"`` (flatten + ReLU layers ``hidden``) or an ``nn.Module``
@@ -138,6 +146,14 @@ class ImageClassifier(LightningModule):
         input_shape: ``[C, H, W]``; ``None``: from the datamodule's ``input_shape`` (default ``[3, 32, 32]``).
         width: ResNet-18 channel multiplier (1 = 64..512 channels).
         hidden: hidden widths of the ``"mlp"`` backbone.
+        activation: activation of the ``"mlp"`` backbone: ``"relu"`` or ``"tanh"``.
+        parameterization: of the ``"mlp"`` backbone: ``"standard"`` (``nn.Linear``) or ``"ntk"``
+            (:class:`~lightning_lnsgd.examples.resnet.NTKLinear`: weights N(0, 1), each layer's output scaled by
+            1/√fan_in, so that training approaches the lazy (kernel) regime as the width grows).
+        linearize: train the first-order Taylor model of the backbone around its initial weights,
+            :class:`~lightning_lnsgd.Linearized` (the same as passing ``backbone=Linearized(net)``; names unchanged).
+        loss: ``"cross_entropy"``, or ``"mse"``: ½‖f(x) − e_y‖² (e_y the one-hot target, summed over classes,
+            averaged over the batch), the loss of the kernel-regime theory.
         lr: SGD learning rate (paper: 0.1).
         momentum: SGD momentum (paper: 0).
         weight_decay: SGD weight decay (paper: 0).
@@ -149,6 +165,9 @@ class ImageClassifier(LightningModule):
 
     The network is ``self.backbone``: module paths for DynamicsMonitor/PruningCurve are ``backbone.conv1``,
     ``backbone.layer4.1.conv2``, ``backbone.fc`` (ResNet-18) or ``backbone.layers.0``, ``backbone.fc`` (MLP).
+
+    :class:`~lightning_lnsgd.PruningCurve` does not apply to a linearised backbone (pruning renames the weights it
+    linearises).
 
     Logs ``train/loss`` and ``train/acc`` (on the training labels the step saw, i.e. the noisy ones under
     LabelNoise; not in SAM's perturbed pass), ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (clean labels),
@@ -162,6 +181,10 @@ class ImageClassifier(LightningModule):
         input_shape: list[int] | None = None,
         width: float = 1.0,
         hidden: list[int] | None = None,
+        activation: Literal["relu", "tanh"] = "relu",
+        parameterization: Literal["standard", "ntk"] = "standard",
+        linearize: bool = False,
+        loss: Literal["cross_entropy", "mse"] = "cross_entropy",
         lr: float = 0.1,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -183,6 +206,19 @@ class ImageClassifier(LightningModule):
             raise ValueError("ImageClassifier: schedule='step' needs `milestones` (epochs at which lr *= gamma).")
         if isinstance(backbone, str) and backbone not in ("resnet18", "mlp"):
             raise ValueError(f"ImageClassifier: unknown `backbone` {backbone!r}; choose 'resnet18' or 'mlp', or pass an nn.Module.")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ImageClassifier: activation={activation!r} must be one of {sorted(ACTIVATIONS)}.")
+        if parameterization not in ("standard", "ntk"):
+            raise ValueError(f"ImageClassifier: parameterization={parameterization!r} must be 'standard' or 'ntk'.")
+        if backbone != "mlp" and (activation, parameterization) != ("relu", "standard"):
+            raise ValueError(
+                f"ImageClassifier: activation={activation!r} and parameterization={parameterization!r} apply to "
+                "backbone='mlp' only; leave them at 'relu' and 'standard' for other backbones."
+            )
+        if not isinstance(linearize, bool):
+            raise ValueError(f"ImageClassifier: linearize={linearize!r} must be true or false.")
+        if loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"ImageClassifier: loss={loss!r} must be 'cross_entropy' or 'mse'.")
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"ImageClassifier: `num_classes` must be >= 2, got {num_classes}.")
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -197,8 +233,13 @@ class ImageClassifier(LightningModule):
         # In the hyper-parameters that loggers and checkpoints see, so that a lazily built model stays loadable.
         self.save_hyperparameters({**self.hparams, "num_classes": int(num_classes), "input_shape": [int(s) for s in input_shape]})
         self.num_classes, self.input_shape = int(num_classes), [int(s) for s in input_shape]
+        hp = self.hparams
         if self.backbone is None:
-            self.backbone = build_backbone(self.hparams.backbone, self.num_classes, self.input_shape, self.hparams.width, self.hidden)
+            self.backbone = build_backbone(
+                hp.backbone, self.num_classes, self.input_shape, hp.width, self.hidden, hp.activation, hp.parameterization
+            )
+        if hp.linearize and not isinstance(self.backbone, Linearized):
+            self.backbone = Linearized(self.backbone)
         self.train_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
@@ -222,10 +263,17 @@ class ImageClassifier(LightningModule):
             raise RuntimeError("ImageClassifier: network not built yet; pass `num_classes` or fit with a datamodule.")
         return self.backbone(x)
 
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss (``loss``) of class scores ``(B, num_classes)`` against class indices ``(B,)``."""
+        if self.hparams.loss == "mse":
+            target = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+            return 0.5 * (logits - target).pow(2).sum(-1).mean()
+        return F.cross_entropy(logits, y)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.loss(logits, y)
         # Lightning's self.log is already a no-op in SAM's perturbed pass; the metric's state is not, so guard it.
         if not is_perturbed_pass(self):
             self.train_acc.update(logits.detach(), y)
@@ -237,7 +285,7 @@ class ImageClassifier(LightningModule):
         x, y = batch
         logits = self(x)
         metric.update(logits, y)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=y.shape[0])
+        self.log(f"{prefix}/loss", self.loss(logits, y), on_epoch=True, batch_size=y.shape[0])
         self.log(f"{prefix}/acc", metric, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

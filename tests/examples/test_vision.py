@@ -22,6 +22,7 @@ from lightning_lnsgd.examples.cifar import (
 from lightning_lnsgd.examples.cifar_files import write_cifar10_archive
 from lightning_lnsgd.examples.resnet import ResNet18
 from lightning_lnsgd.examples.vision import ImageClassifier
+from lightning_lnsgd.nn import Linearized
 from lightning_lnsgd.strategies.sam import SAMStrategy
 from tests.conftest import make_trainer
 
@@ -204,6 +205,58 @@ def test_image_classifier_mlp_and_module_backbones():
         ImageClassifier(backbone="vgg")
     with pytest.raises(ValueError, match="milestones"):
         ImageClassifier(schedule="step")
+
+
+def test_ntk_mlp_tanh_mse_and_argument_checks():
+    torch.manual_seed(0)
+    m = ImageClassifier(backbone="mlp", num_classes=3, input_shape=[1, 4, 4], hidden=[4096], activation="tanh",
+                        parameterization="ntk", loss="mse")
+    first, head = m.backbone.layers[0], m.backbone.fc
+    assert isinstance(m.backbone.layers[1], torch.nn.Tanh)
+    assert abs(first.weight.std().item() - 1) < 0.02 and abs(first.weight.mean().item()) < 0.02  # N(0, 1)
+    x = torch.randn(5, 1, 4, 4)
+    h = torch.tanh(x.flatten(1) @ first.weight.T / 16**0.5 + 0.1 * first.bias)  # 1/sqrt(fan_in), beta = 0.1
+    expected = h @ head.weight.T / 4096**0.5 + 0.1 * head.bias
+    torch.testing.assert_close(m(x), expected)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    loss = 0.5 * ((expected - torch.eye(3)[y]) ** 2).sum() / 5  # on one-hot targets, summed over classes
+    torch.testing.assert_close(m.loss(m(x), y), loss)
+    for kwargs, match in [
+        (dict(activation="gelu"), "activation='gelu' must be one of"),
+        (dict(parameterization="mup"), "parameterization='mup' must be 'standard' or 'ntk'"),
+        (dict(backbone="resnet18", parameterization="ntk"), "apply to backbone='mlp' only"),
+        (dict(loss="hinge"), "loss='hinge' must be 'cross_entropy' or 'mse'"),
+        (dict(linearize="yes"), "linearize='yes' must be true or false"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ImageClassifier(**{"backbone": "mlp", **kwargs})
+
+
+def test_linearize_wraps_the_backbone_keeping_its_names():
+    torch.manual_seed(1)
+    plain = ImageClassifier(backbone="mlp", num_classes=3, input_shape=[1, 4, 4], hidden=[8])
+    torch.manual_seed(1)
+    lin = ImageClassifier(backbone="mlp", num_classes=3, input_shape=[1, 4, 4], hidden=[8], linearize=True)
+    assert isinstance(lin.backbone, Linearized)
+    assert [n for n, _ in lin.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    x = torch.randn(4, 1, 4, 4)
+    torch.testing.assert_close(lin(x), plain(x))  # equal at θ₀
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    assert isinstance(ImageClassifier(backbone=Linearized(net), num_classes=3).backbone, Linearized)
+
+
+def test_linearized_ntk_mlp_from_yaml(tmp_path):
+    pytest.importorskip("sklearn")
+    config = tmp_path / "lin.yaml"
+    config.write_text(
+        "model:\n  class_path: lightning_lnsgd.ImageClassifier\n  init_args:\n    backbone: mlp\n    hidden: [32]\n"
+        "    activation: tanh\n    parameterization: ntk\n    linearize: true\n    loss: mse\n    lr: 1.0\n"
+        "data:\n  class_path: lightning_lnsgd.DigitsDataModule\n  init_args:\n    batch_size: 64\n"
+    )
+    cli = main(["fit", "--config", str(config), *FAST, "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 3 and isinstance(cli.model.backbone, Linearized)
+    theta0, moved = cli.model.backbone.parameters0(), dict(cli.model.backbone.named_parameters())
+    assert not torch.equal(theta0["fc.weight"], moved["fc.weight"])  # trained, θ₀ kept
 
 
 def test_step_schedule_and_momentum():
