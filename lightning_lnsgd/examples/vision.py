@@ -27,7 +27,25 @@ from .cifar import CIFAR10DataModule, ImageBatches, collate_batch
 from ..nn import Linearized
 from .resnet import ACTIVATIONS, ImageMLP, ResNet18
 
-__all__ = ["CIFAR10DataModule", "DigitsDataModule", "ImageClassifier", "ImageMLP", "ResNet18", "build_backbone"]
+__all__ = [
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "ImageClassifier",
+    "ImageMLP",
+    "ResNet18",
+    "build_backbone",
+    "squared_error",
+]
+
+
+def squared_error(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """½‖f(x) − e_y‖² averaged over the batch: class scores ``(B, C)`` against class indices ``(B,)`` (e_y one-hot).
+
+    >>> squared_error(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1]))
+    tensor(0.2500)
+    """
+    target = F.one_hot(y, scores.shape[-1]).to(scores.dtype)
+    return 0.5 * (scores - target).pow(2).sum(-1).mean()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -265,10 +283,7 @@ class ImageClassifier(LightningModule):
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss (``loss``) of class scores ``(B, num_classes)`` against class indices ``(B,)``."""
-        if self.hparams.loss == "mse":
-            target = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
-            return 0.5 * (logits - target).pow(2).sum(-1).mean()
-        return F.cross_entropy(logits, y)
+        return squared_error(logits, y) if self.hparams.loss == "mse" else F.cross_entropy(logits, y)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -11,6 +11,7 @@ MODULES = [
     "lightning_lnsgd.metrics.weights",
     "lightning_lnsgd.callbacks.pruning",
     "lightning_lnsgd.nn.linearized",
+    "lightning_lnsgd.examples.studies.kernel_regime",
 ]
 
 
