@@ -209,7 +209,9 @@ class PruningCurve(Callback):
         if self._validations % self.every_n_validations == 0:
             self._run(trainer, pl_module)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not on_fit_end: that runs after the strategy's teardown has moved the module to the CPU (and the batches
+        # would still go to the training device).
         self._run(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:

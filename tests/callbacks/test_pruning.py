@@ -78,6 +78,29 @@ def test_respects_limit_val_batches(lightning: ModuleType, tmp_path, limit, n) -
     assert pruning.curve[1.0] == pytest.approx(_accuracy(model, data.xv[:n], data.yv[:n]), abs=1e-6)
 
 
+def test_end_of_fit_curve_is_taken_before_the_strategy_moves_the_model_to_cpu(lightning: ModuleType) -> None:
+    # Lightning's strategy teardown (module.cpu(), at the end of fit) comes before on_fit_end; on a GPU the curve
+    # must be taken on the device the model trained on, i.e. before that teardown.
+    class RecordingStrategy(lightning.strategies.SingleDeviceStrategy):
+        torn_down = False
+
+        def teardown(self) -> None:
+            self.torn_down = True
+            super().teardown()
+
+    UserModel, BlobData = user_classes(lightning)
+    lightning.seed_everything(0)
+    model, data = UserModel(), BlobData()
+    strategy = RecordingStrategy(device=torch.device("cpu"))
+    seen: list[bool] = []
+    step = model.validation_step
+    model.validation_step = lambda *a: (seen.append(strategy.torn_down), step(*a))[1]
+    pruning = PruningCurve(kept_fractions=[1.0, 0.5], monitor="val/acc")
+    make_trainer(lightning, max_steps=5, strategy=strategy, callbacks=[pruning]).fit(model, data)
+    assert list(pruning.curve) == [1.0, 0.5]
+    assert seen and strategy.torn_down and not any(seen)
+
+
 def test_global_magnitude_masks_keep_the_largest_entries_overall() -> None:
     a, b = torch.tensor([[0.1, -5.0], [2.0, 0.0]]), torch.tensor([3.0, -0.2, 1.0])
     masks = global_magnitude_masks([a, b], 3 / 7)  # round(3/7 · 7) = 3 largest |w| of both: 5, 3, 2

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import multiprocessing
@@ -44,7 +45,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -102,7 +102,7 @@ def _t_cdf(x: float, df: int) -> float:
     return 0.5 + s * h / 3
 
 
-@lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
     """The ``p``-quantile (0.5 ≤ p < 1) of Student's t distribution with ``df`` degrees of freedom.
 
@@ -288,7 +288,7 @@ def run_study(
     out: str | os.PathLike,
     jobs: int = 1,
     threads: Optional[int] = None,
-    log: Optional[Callable[[str], None]] = print,
+    log: Optional[Callable[[str], None]] = functools.partial(print, flush=True),
 ) -> list[RunResult]:
     """Runs ``fn(setting.params, seed, run_dir)`` for every setting and seed not finished under ``out``; returns
     every result (finished earlier or now), settings in the given order, then seeds.
