@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import os
 import pickle
 import re
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .compat import Callback, LightningCLI, pl
+from .compat import Callback, LightningCLI, pl, rank_zero_info
 
 __all__ = ["LNSGDCLI", "main", "LINKED_DATA_ARGS", "CheckpointError", "ConfigError", "config_error_line", "InterruptCheckpoint", "check_checkpoint"]
 
@@ -170,6 +171,7 @@ class LNSGDCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        _step_bar_steps_aside(cfg.get("trainer"))
         if getattr(self, "_asked_model", None) is not None:
             cfg["model"] = self._asked_model  # what the user asked, not the checkpoint's hyper-parameters
         model, data = cfg.get("model"), cfg.get("data")
@@ -189,6 +191,39 @@ class LNSGDCLI(LightningCLI):
                     f"`model.init_args.{name}`={given!r} disagrees with `data.init_args.{name}`={value!r}; "
                     f"write `{name}` once, under `data`, and the model receives it."
                 )
+
+
+def _step_bar_steps_aside(trainer: Any) -> None:
+    """Leaves the config's :class:`~lightning_lnsgd.StepProgressBar` out when ``enable_progress_bar`` is false.
+
+    The shipped configs list the step bar among their callbacks, and Lightning refuses a progress-bar callback
+    with ``enable_progress_bar=False``; switching the bar off (``--trainer.enable_progress_bar false``, what a batch
+    job does first) means this bar too."""
+    if trainer is None or trainer.get("enable_progress_bar") is not False:
+        return
+    callbacks = trainer.get("callbacks")
+    if not isinstance(callbacks, list):
+        return
+    kept = [c for c in callbacks if not _is_step_bar(c)]
+    if len(kept) < len(callbacks):
+        trainer["callbacks"] = kept
+        rank_zero_info("enable_progress_bar=False: the config's StepProgressBar is left out.")
+
+
+def _is_step_bar(callback: Any) -> bool:
+    from .twolayer.progress import StepProgressBar
+
+    if isinstance(callback, StepProgressBar):
+        return True
+    class_path = callback.get("class_path") if hasattr(callback, "get") else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False  # LightningCLI reports a class it cannot import
+    return isinstance(cls, type) and issubclass(cls, StepProgressBar)
 
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> LNSGDCLI | Any:

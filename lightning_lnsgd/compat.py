@@ -43,6 +43,7 @@ __all__ = [
     "TensorBoardLogger",
     "Trainer",
     "add_optimizer_steps",
+    "admit_strategy_to_other_packages",
     "extract_batch_size",
     "fabric",
     "is_lightning_module",
@@ -51,6 +52,7 @@ __all__ = [
     "misconfiguration_errors",
     "package",
     "package_name",
+    "package_of",
     "pl",
     "plain_summary_writer",
     "rank_zero_info",
@@ -186,6 +188,27 @@ def is_lightning_module(obj: Any) -> bool:
 def is_tensorboard_logger(obj: Any) -> bool:
     """Whether ``obj`` is a ``TensorBoardLogger`` of any installed Lightning package."""
     return isinstance(obj, _of_every_package("loggers.TensorBoardLogger"))
+
+
+def package_of(obj: Any) -> str | None:
+    """The Lightning package (``"pytorch_lightning"`` or ``"lightning.pytorch"``) that defines ``obj``'s class, or
+    ``None`` for a class of neither."""
+    module = type(obj).__module__
+    return next((name for name in _PACKAGES if module == name or module.startswith(name + ".")), None)
+
+
+def admit_strategy_to_other_packages(cls: type, own: str) -> None:
+    """Lets the Trainers of the installed packages other than ``own`` take an instance of the strategy class ``cls``
+    as far as the strategy's own checks.
+
+    A Trainer refuses a strategy of the other package with a generic "invalid strategy" message before any of the
+    strategy's code runs. Registered as a virtual subclass of the other package's ``Strategy`` (an ABC), the
+    object gets past that check, and the Trainer's accelerator connector then hands it its accelerator (the
+    ``accelerator`` setter, Lightning-internal; ``tests/strategies/test_sam.py`` checks it), where the strategy
+    can say in its own words what happened."""
+    for name in INSTALLED:
+        if name != own:
+            package(name).strategies.Strategy.register(cls)
 
 
 def misconfiguration_errors() -> tuple[type, ...]:

@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 #: (panel title, [(tag suffix or full tag, line style)], log y, horizontal reference line)
+#: Curves with fewer points than this are drawn with markers (a one-point curve is otherwise invisible).
+SHORT_CURVE = 10
+
 PANELS: list[tuple[str, list[tuple[str, str]], bool, float | None]] = [
     ("loss  (train —, test - -)", [("train/loss", "-"), ("test/loss", "--")], True, None),
     ("mean ‖wᵢ‖²", [("dynamics/norm_sq_mean", "-")], False, None),
@@ -223,7 +226,10 @@ def phase_figure(
                 if logy:  # zeros and negatives cannot be drawn on a log axis
                     keep = [k for k, v in enumerate(values) if v > 0]
                     steps, values = [steps[k] for k in keep], [values[k] for k in keep]
-                ax.plot(steps, values, style, color=color, label=label if j == 0 else None, lw=1.3)
+                # A line through one point draws nothing: a curve of few points is drawn with its points marked.
+                marker = "o" if len(steps) < SHORT_CURVE else None
+                ax.plot(steps, values, style, color=color, label=label if j == 0 else None, lw=1.3, marker=marker,
+                        markersize=4)
             for tag, escape in scalars.items():  # logged once, value = the step; stacked runs: one per replica
                 if escape and (tag == ESCAPE_TAG or tag.startswith(ESCAPE_TAG + "/r")):
                     ax.axvline(escape[0][1], color=color, ls=":", lw=1.2)

@@ -1,11 +1,15 @@
 """The command line: every config parses and runs, overrides, linking, outputs."""
 
 import glob
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from lightning_lnsgd import compat
 from lightning_lnsgd.cli import main
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -44,8 +48,11 @@ def test_configs_exist():
 def test_every_config_parses_and_runs_a_few_steps(config, tmp_path):
     if "DigitsDataModule" in Path(config).read_text():
         pytest.importorskip("sklearn", reason="the digits example needs the `examples` extra (scikit-learn)")
-    cli = main(["fit", "--config", config, *FAST, *_small(config), "--trainer.default_root_dir", str(tmp_path)])
+    # With the progress bar off, as a batch job runs it: a config's StepProgressBar steps aside.
+    cli = main(["fit", "--config", config, *FAST, *_small(config), "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(tmp_path)])
     assert cli.trainer.global_step >= 1
+    assert cli.trainer.progress_bar_callback is None
     # Every output lands under default_root_dir: event files and the config copy.
     assert glob.glob(f"{tmp_path}/**/events.out.tfevents*", recursive=True)
     assert glob.glob(f"{tmp_path}/**/config.yaml", recursive=True)
@@ -97,3 +104,32 @@ def test_a_config_error_ends_in_one_line_naming_field_value_and_reason(capsys, a
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"lightning_lnsgd: error: {last_line}"
     assert not any("NoneType" in line or line.lstrip().startswith("[--") for line in err)  # no union alternatives, no usage page
+
+
+def test_progress_bar_off_builds_every_config_under_the_other_lightning_package(tmp_path):
+    """The other package than the one this process serves, in a fresh interpreter: every config builds its Trainer
+    with the bar off, and one fits a few steps (the served package runs them all above)."""
+    if len(compat.INSTALLED) < 2:
+        pytest.skip("needs both pytorch_lightning and lightning installed")
+    other = "lightning" if compat.INSTALLED[1] == "lightning.pytorch" else compat.INSTALLED[1]
+    code = f"""
+import sys
+from lightning_lnsgd import compat
+from lightning_lnsgd.cli import main
+assert compat.PACKAGE == {compat.INSTALLED[1]!r}, compat.PACKAGE
+fast = {FAST!r} + ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", {str(tmp_path)!r}]
+for config in sys.argv[1:]:
+    small = ["--model.width", "0.125", "--data.num_workers", "0"] if "cifar10" in config else []
+    cli = main(["--config", config, *fast, *small], run=False)
+    assert cli.trainer.progress_bar_callback is None, config
+    assert type(cli.trainer).__module__.startswith(compat.PACKAGE), type(cli.trainer)
+cli = main(["fit", "--config", "configs/sam.yaml", *fast])
+assert cli.trainer.global_step == 3 and cli.trainer.progress_bar_callback is None
+print("ok", len(sys.argv) - 1)
+"""
+    configs = CONFIGS  # run=False builds the digits datamodule without loading scikit-learn's data
+    env = {**os.environ, compat.ENV_VAR: other}
+    out = subprocess.run([sys.executable, "-c", code, *configs], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parent.parent, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == f"ok {len(configs)}"

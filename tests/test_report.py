@@ -188,3 +188,36 @@ def test_report_reads_the_replicas_of_a_stacked_run(tmp_path: Path, layout: str)
     assert report.escape_points(replicas, "sigma") == [(1.0, 900.0), (4.0, 300.0)]
     assert [label for label, _ in report.expand_replicas(scalars, "s", replicas)] == ["s r0 (sigma=1)", "s r1 (sigma=4)"]
     assert report.main([str(run), "--escape-vs", "sigma", "--out", str(tmp_path / "e.png")]).stat().st_size > 5000
+
+
+def _pixels_of(fig, ax, rgb) -> int:
+    """How many pixels inside ``ax`` have the colour ``rgb`` (0–255), on the rendered figure."""
+    import numpy as np
+
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    x0, y0, x1, y1 = (int(round(v)) for v in ax.get_window_extent().extents)
+    height = image.shape[0]
+    patch = image[height - y1:height - y0, x0:x1]  # the canvas counts rows from the top
+    return int((np.abs(patch - np.array(rgb)).sum(-1) < 60).sum())
+
+
+def test_report_draws_one_and_two_point_curves(tmp_path: Path) -> None:
+    from matplotlib.colors import to_rgb
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "lightning_logs" / "version_0")) as w:  # the README run at max_steps=50
+        w.add_scalar("train/loss", 0.5, 49)
+        for step in (0, 50):
+            w.add_scalar("dynamics/lazy_distance", 0.1 + step / 100, step)
+        for step in range(0, 51, 5):
+            w.add_scalar("dynamics/norm_sq_mean", 1 - step / 200, step)
+    fig = report.phase_figure([report.load_scalars(tmp_path)], ["run"])
+    loss_ax, norm_ax, _, lazy_ax = fig.axes[:4]
+    by_points = {len(line.get_xdata()): line for ax in fig.axes for line in ax.get_lines() if line.get_label() == "run"}
+    assert set(by_points) == {1, 2, 11}
+    assert by_points[1].get_marker() == by_points[2].get_marker() == "o"
+    assert by_points[11].get_marker() in (None, "None", "")  # a long curve stays a plain line
+    blue = [round(255 * c) for c in to_rgb(by_points[1].get_color())]
+    assert _pixels_of(fig, loss_ax, blue) > 10  # the one point is visible on the canvas
+    assert _pixels_of(fig, lazy_ax, blue) > 10

@@ -24,8 +24,9 @@ from ..checks import is_int
 
 __all__ = ["DEFAULT_KEYS", "Swap", "describe", "locate", "path_str", "replace", "swap_in", "tensors"]
 
-#: The mapping keys / dataclass fields tried, in order, when no ``target`` is given.
-DEFAULT_KEYS = ("y", "target", "label")
+#: The mapping keys / dataclass fields tried, in order, when no ``target`` is given (``"labels"``: Hugging Face
+#: batches, ``{"input_ids", "attention_mask", "labels"}``).
+DEFAULT_KEYS = ("y", "target", "label", "labels")
 
 
 

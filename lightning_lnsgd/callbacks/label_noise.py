@@ -74,9 +74,10 @@ class LabelNoise(Callback):
             ``config``, the DataModule and the DataModule's ``hparams`` (first found, in that order).
         target: where the label is in the batch: an index for sequences, a key for mappings (or a field name for
             dataclass batches); a dotted path such as ``"1.y"`` or ``"0.1"`` reaches into nested batches.
-            ``None``: the last element of a sequence of two or more, the key ``"y"``, ``"target"`` or ``"label"``
-            of a mapping (recursively if that element is itself a container). A batch with no identifiable label
-            (a bare tensor; a one-element sequence without ``target``) is refused, never noised.
+            ``None``: the last element of a sequence of two or more, the key ``"y"``, ``"target"``, ``"label"`` or
+            ``"labels"`` (Hugging Face batches) of a mapping, first found in that order (recursively if that
+            element is itself a container). A batch with no identifiable label (a bare tensor; a one-element
+            sequence without ``target``) is refused, never noised.
         seed: seed of the noise stream; identical seeds give identical noise, each DDP rank draws its own stream.
         schedule: when noise is on, in optimizer steps (``trainer.global_step``), see
             :class:`~lightning_lnsgd.callbacks.noise_schedule.NoiseSchedule`: ``"constant"`` (full level in

@@ -29,6 +29,7 @@ The strategies learn about modules that run the SAM step themselves only through
 # (LightningCLI) resolves their ``__init__`` annotations; evaluated annotations need no name lookup in this module.
 
 import contextlib
+import os
 from collections.abc import Callable, Generator, Mapping, Sequence
 from datetime import timedelta
 from types import ModuleType
@@ -218,6 +219,19 @@ class SAMMixin:
         self._first_output: Any = None
 
     @property
+    def accelerator(self) -> Any:
+        return super().accelerator  # type: ignore[misc]
+
+    @accelerator.setter
+    def accelerator(self, accelerator: Any) -> None:
+        # The first thing a Trainer hands its strategy: a Trainer of the other Lightning package is stopped here, in
+        # one line, instead of with its generic "invalid strategy" message (compat.admit_strategy_to_other_packages).
+        other = compat.package_of(accelerator)
+        if other is not None and other != self._package.__name__:
+            raise ValueError(_foreign_trainer_message(type(self), self._package.__name__, other))
+        super(SAMMixin, type(self)).accelerator.fset(self, accelerator)  # type: ignore[attr-defined,misc]
+
+    @property
     def perturbed_pass(self) -> bool:
         """``True`` while the second ``training_step`` (at ``w + ε``) and its backward run."""
         return self._perturbed_pass
@@ -335,6 +349,22 @@ class SAMMixin:
                 "whose step(closure) calls it exactly once."
             )
         return output
+
+
+def _foreign_trainer_message(cls: type, own: str, other: str) -> str:
+    """What happened when a SAM strategy of package ``own`` met a Trainer of package ``other``, and the fixes."""
+    top = other.split(".")[0]
+    if own != compat.PACKAGE:
+        why = f"it is the {own} flavour"
+    elif os.environ.get(compat.ENV_VAR, "").strip():
+        why = f"{compat.ENV_VAR}={os.environ[compat.ENV_VAR].strip()} makes lightning_lnsgd serve {own}"
+    else:
+        why = f"lightning_lnsgd was imported before {top}, so it serves {own}"
+    return (
+        f"{cls.__name__} is a {own} strategy but the Trainer is {other}'s ({why}); pass"
+        f' strategy="{cls.strategy_name}" (registered in both packages), or set {compat.ENV_VAR}={top}, or import'
+        f" {top} before lightning_lnsgd."
+    )
 
 
 def _is_radius(r: Any) -> bool:
@@ -505,6 +535,7 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
         cls.__name__ = cls.__qualname__ = prefix + cls.__name__
         # override=True: re-importing (e.g. importlib.reload) re-registers the new class objects instead of failing
         cls.register_strategies(pkg.strategies.StrategyRegistry)
+        compat.admit_strategy_to_other_packages(cls, package_name)  # its accelerator setter explains the mix-up
     return SAMStrategy, SAMDDPStrategy
 
 

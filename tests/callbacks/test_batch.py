@@ -134,17 +134,25 @@ def test_locate_errors_show_the_batch_layout():
     x, y = torch.zeros(3, 2), torch.zeros(3)
     with pytest.raises(ValueError, match=r"`target='label'` is not in the training batch: no key 'label' among \['x', 'y'\]"):
         locate({"x": x, "y": y}, "label")
-    with pytest.raises(ValueError, match=r"keys \['y', 'target', 'label'\].*keys \['x', 'out'\]"):
+    with pytest.raises(ValueError, match=r"keys \['y', 'target', 'label', 'labels'\].*keys \['x', 'out'\]"):
         locate({"x": x, "out": y}, None)
     with pytest.raises(ValueError, match=r"index 5 is not valid for a tuple of length 2.*Tensor\(float32, \[3, 2\]\)"):
         locate((x, y), 5)
     with pytest.raises(ValueError, match=r"which is a tuple, not a tensor"):
         locate(((x, y), y), 0)
-    with pytest.raises(ValueError, match=r"Frozen has none of the fields \['y', 'target', 'label'\] \(it has \['x', 'z'\]\)"):
+    with pytest.raises(ValueError, match=r"Frozen has none of the fields \['y', 'target', 'label', 'labels'\] \(it has \['x', 'z'\]\)"):
         locate(dataclasses.make_dataclass("Frozen", ["x", "z"])(x, y), None)
     assert locate({"a.b": y}, "a.b") == (("a.b",), y)  # a key containing dots is a key
     assert path_str((1, "y")) == "batch[1]['y']"
     assert describe([x, {"y": y}]) == "list[0: Tensor(float32, [3, 2]), 1: {'y': Tensor(float32, [3])}]"
+
+
+def test_hugging_face_labels_key_is_found_by_default_after_y_target_label():
+    ids, mask, labels = torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5), torch.tensor([[1, 2, 0, -100, 3]] * 2)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}  # a Hugging Face tokenizer + collator batch
+    assert locate(batch, None) == (("labels",), labels)
+    assert locate(collections.UserDict(batch), None)[0] == ("labels",)  # transformers' BatchEncoding is a UserDict
+    assert locate({**batch, "label": mask}, None)[0] == ("label",)  # the order: y, target, label, labels
 
 
 def test_locate_refuses_batches_without_an_identifiable_label():
