@@ -19,7 +19,8 @@ What each side relies on:
   intervals and ``max_steps`` count SGD steps on every path.
 * **SAM** (:attr:`MultiStepModule.runs_sam_step`). ``True`` means the module applies the SAM step itself inside its
   fused steps, with the strategy's ``rho``, ``normalize`` and ``adaptive``; the SAM strategy then runs no step of its
-  own and leaves the module's (manual) optimisation alone.
+  own and leaves the module's (manual) optimisation alone. The strategy refuses ``every_n_steps`` other than 1 for
+  such a module.
 * **Per-replica settings**. A plug-in setting given as a list (``LabelNoise(sigma=[…])``, ``SAMStrategy(rho=[…])``)
   has one value per replica of the whole module (:attr:`StepLayout.total_replicas`); it is accepted only for a module
   whose layout has exactly that many replicas (and, for ``rho``, that runs the SAM step itself). Row ``i`` of the batch

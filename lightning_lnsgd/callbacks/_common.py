@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -102,6 +103,22 @@ def tensorboards(trainer: Any) -> list[Any]:
     return [lg.experiment for lg in trainer.loggers if compat.is_tensorboard_logger(lg)]
 
 
+def other_loggers(trainer: Any) -> list[Any]:
+    """The trainer's loggers that are not TensorBoard loggers (CSV, MLflow, W&B, ...): they take what Lightning's
+    public logger API carries (``log_hyperparams``, ``log_metrics``), not histograms or images."""
+    return [lg for lg in trainer.loggers if not compat.is_tensorboard_logger(lg)]
+
+
+def warn_tensorboard_only(owner: str, trainer: Any, what: str, rest: str) -> None:
+    """One warning per logger of ``trainer`` that is not a TensorBoard logger: ``owner`` writes ``what`` (histograms,
+    figures) to TensorBoard loggers only; ``rest`` says what it does instead or how to ask for nothing. On rank 0."""
+    for lg in other_loggers(trainer):
+        compat.rank_zero_warn(
+            f"{owner} writes {what} to TensorBoard loggers only, not to {type(lg).__name__} (Lightning's logger API "
+            f"carries scalars and hyper-parameters, not histograms or images); {rest}"
+        )
+
+
 def logging_interval(trainer: Any, every_n_steps: int | None) -> int:
     """A callback's logging period in SGD steps: its own ``every_n_steps``, else ``trainer.log_every_n_steps``."""
     return trainer.log_every_n_steps if every_n_steps is None else every_n_steps
@@ -117,6 +134,10 @@ def write_scalars(writer: Any, values: dict[str, float], step: int) -> None:
         writer.file_writer.add_summary(summary, step)
 
 
+# The last value of each tag that the package wrote to a logger (see latest_metrics); the loggers are not kept alive.
+_LATEST: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
+
+
 def log_metrics(logger: Any, values: dict[str, float], step: int) -> None:
     """``logger.log_metrics(values, step=step)``, as one event per step for a plain TensorBoard logger."""
     writer = compat.plain_summary_writer(logger)
@@ -124,6 +145,14 @@ def log_metrics(logger: Any, values: dict[str, float], step: int) -> None:
         write_scalars(writer, values, step)
     elif values:
         logger.log_metrics(values, step=step)
+    if values:
+        _LATEST.setdefault(logger, {}).update(values)
+
+
+def latest_metrics(logger: Any) -> dict[str, float]:
+    """``{tag: value}``: the last value of each tag that the package's callbacks and models wrote to ``logger``
+    through :func:`log_metrics` (what a ``LightningModule.log`` call writes is in ``trainer.callback_metrics``)."""
+    return dict(_LATEST.get(logger, {}))
 
 
 def log_scalars(trainer: Any, values: dict[str, torch.Tensor | float], step: int) -> dict[str, float]:

@@ -28,6 +28,7 @@ from ._common import (
     log_scalars,
     logging_interval,
     resolve_weights,
+    warn_tensorboard_only,
 )
 from ._figures import neuron_scatter
 
@@ -125,6 +126,10 @@ class DynamicsMonitor(Callback):
       ``outgoing_norm`` (and ``values``) (:class:`OutgoingWeights`);
     * at ``scatter_steps``: the figure ``dynamics/<layer>/scatter`` (cosine or alignment against ‖wᵢ‖², one point per
       neuron, as the paper's Fig. 2c).
+
+    The scalars go to every logger of the trainer; the histograms and figures to its TensorBoard loggers only
+    (Lightning's logger API carries no histograms or images): each other logger gets one warning at setup naming
+    what it will not receive (``histograms=False`` and no ``scatter_steps`` ask for nothing it cannot take).
 
     Args:
         layers: module paths (``"backbone.fc1"``: its ``weight``), parameter paths (``"W"``) or fnmatch globs
@@ -250,6 +255,15 @@ class DynamicsMonitor(Callback):
 
     def _aligned(self, name: str) -> bool:
         return self._reference is not None and self._reference.numel() == self._weights[name][0].numel()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        dropped = (["the histograms dynamics/*"] if self.histograms else []) + (
+            ["the scatter figures dynamics/*/scatter"] if self.scatter_steps else []
+        )
+        if stage == "fit" and dropped:
+            rest = "its scalars go to every logger. Add a TensorBoardLogger to see them, or set histograms=False"
+            rest += " and no scatter_steps." if self.scatter_steps else "."
+            warn_tensorboard_only(type(self).__name__, trainer, " and ".join(dropped), rest)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._resolve_layers(trainer, pl_module)

@@ -1,4 +1,5 @@
-"""HParamsSummary: the run's hyper-parameters with the final value of chosen metrics in TensorBoard's HPARAMS tab."""
+"""HParamsSummary: the run's hyper-parameters with the final value of chosen metrics, in TensorBoard's HPARAMS tab
+and in every other logger (through Lightning's ``log_hyperparams`` / ``log_metrics``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from ..compat import Callback, LightningModule, Trainer
 from ..protocol import replica_settings
-from ._common import tensorboards
+from ._common import latest_metrics, other_loggers, tensorboards
 
 __all__ = ["HParamsSummary"]
 
@@ -22,7 +23,8 @@ def _hparam_value(v: Any) -> Any:
 
 
 class HParamsSummary(Callback):
-    """The run's hyper-parameters and the final value of chosen metrics, in TensorBoard's HPARAMS tab.
+    """The run's hyper-parameters and the final value of chosen metrics, in TensorBoard's HPARAMS tab and in every
+    other logger.
 
     At the start of fit it writes TensorBoard's hparams experiment and session-start records (hyper-parameters of the
     LightningModule and the datamodule, plus ``extra``; nested keys joined with ``/``) naming ``metrics`` as the
@@ -38,6 +40,14 @@ class HParamsSummary(Callback):
     (params, metrics)`` is not used: it also logs each metric's given value as a scalar of that tag, which would put
     a placeholder point into the very curves whose final values the tab shows; and ``SummaryWriter.add_hparams``
     writes into a separate run, which does not hold the curves.
+
+    **Other loggers** (``CSVLogger``, ``MLFlowLogger``, ...) get the same through Lightning's public logger API: at the
+    start of fit the hyper-parameters (the same flat names, ``model/lr``, ``data/n_train``, ...) with
+    ``log_hyperparams`` (CSV: ``hparams.yaml``; MLflow: the run's params), and at the end of fit the last value of
+    each metric known then, as ``final/<metric>`` with ``log_metrics`` at step = ``trainer.global_step`` (CSV: the
+    last rows of ``metrics.csv``; MLflow: the run's metrics). A metric is known when ``LightningModule.log`` logged it
+    (``trainer.callback_metrics``) or the package's callbacks or models wrote it to that logger; one logged only after
+    fit (e.g. ``test/loss`` of a later ``trainer.test``) is not, and is left out.
 
     **Stacked replicas.** For a module that stacks replicas and lists their settings
     (:func:`lightning_lnsgd.protocol.replica_settings`), the columns also hold each setting as ``replica/<name>``
@@ -122,10 +132,25 @@ class HParamsSummary(Callback):
         writer.file_writer.add_summary(session_end, step)
         writer.flush()
 
+    def final_metrics(self, trainer: Trainer, logger: Any) -> dict[str, float]:
+        """``{metric: last value}`` of the metrics known to ``logger`` now (see the class docstring), in the order
+        of :attr:`metrics`."""
+        known = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (int, float, torch.Tensor))
+                 and torch.as_tensor(v).numel() == 1}
+        known.update(latest_metrics(logger))
+        return {m: known[m] for m in self.metrics if m in known}
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for writer in tensorboards(trainer):
             self.write_session_start(writer, trainer, pl_module)
+        params = self.hyperparameters(trainer, pl_module)
+        for logger in other_loggers(trainer):
+            logger.log_hyperparams(params)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for writer in tensorboards(trainer):
             self.write_session_end(writer, trainer.global_step)
+        for logger in other_loggers(trainer):
+            final = self.final_metrics(trainer, logger)
+            if final:
+                logger.log_metrics({f"final/{m}": v for m, v in final.items()}, step=trainer.global_step)

@@ -14,7 +14,7 @@ from torchmetrics import Metric
 from .. import compat
 from ..compat import Callback, LightningModule, Trainer, extract_batch_size
 from ..metrics.functional import eval_mode
-from ._common import log_figure, log_scalars, resolve_weights, validation_batches
+from ._common import log_figure, log_scalars, resolve_weights, validation_batches, warn_tensorboard_only
 from ._figures import curve_figure
 
 __all__ = ["PruningCurve", "global_magnitude_masks"]
@@ -100,8 +100,9 @@ class PruningCurve(Callback):
     ranks' shards; a logged torchmetrics object gives its ``compute()``. The module's torchmetrics objects are
     replaced by reset clones during the pass, so their own state is left as it was.
 
-    Logs ``pruning/<monitor>@<α>`` (scalars, at step = SGD steps done) and the figure ``pruning/<monitor>``; the last
-    curve is also kept as :attr:`curve` ``{α: value}``.
+    Logs ``pruning/<monitor>@<α>`` (scalars, at step = SGD steps done, to every logger) and the figure
+    ``pruning/<monitor>`` (to TensorBoard loggers only: each other logger gets one warning at setup saying so); the
+    last curve is also kept as :attr:`curve` ``{α: value}``.
 
     Args:
         kept_fractions: kept fractions α in [0, 1].
@@ -138,6 +139,12 @@ class PruningCurve(Callback):
         if not chosen:
             raise ValueError(f"PruningCurve: parameters={self.parameters!r} selects nothing to prune in {type(pl_module).__name__}.")
         return chosen
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            curve = f"pruning/{self.monitor}"
+            rest = f"the curve goes to every logger as the scalars {curve}@<α>."
+            warn_tensorboard_only(type(self).__name__, trainer, f"the figure {curve}", rest)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Refuse a selection that matches nothing before training starts; not in setup, which runs before the

@@ -8,6 +8,9 @@ One SAM step (Foret et al. 2021; adaptive variant: Kwon et al. 2021, "ASAM")::
     w  <- exact copy saved before the ascent
     user's optimizer steps with g'     (SGD, Adam, ...; LR schedulers untouched)
 
+With ``every_n_steps=n`` the SAM step runs on the optimizer steps whose index (``trainer.global_step``, counted from
+0) is a multiple of ``n``; the others are plain steps of the user's optimizer with ``g``, at about half the cost.
+
 The algorithm lives once, in :class:`SAMMixin`. A Trainer accepts only strategies that subclass its own package's
 ``Strategy``, so :func:`_make_flavours` builds, for every installed Lightning package, a single-device flavour
 (``SingleDeviceStrategy`` + mixin, registered as ``"sam"``) and a DDP flavour (``DDPStrategy`` + mixin, registered
@@ -40,7 +43,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import compat
-from ..checks import is_real
+from ..checks import is_int, is_real
 from ..protocol import runs_sam_step, step_layout
 from .perturbation import sam_perturbation
 
@@ -138,6 +141,12 @@ def _refusal(strategy: Any, trainer: Any) -> Optional[str]:
         # The module runs the SAM step itself with this strategy's settings (lightning_lnsgd.protocol).
         layout = step_layout(module)
         replicas = None if layout is None else layout.total_replicas  # all ranks' replicas, when sharded
+        if strategy.every_n_steps != 1:
+            return (
+                f"every_n_steps={strategy.every_n_steps} is not supported for {type(module).__name__}, which runs the "
+                "SAM step itself inside its fused steps (lightning_lnsgd.protocol.MultiStepModule); use "
+                "every_n_steps=1, or the module's unfused path."
+            )
         if isinstance(strategy.rho, list) and replicas != len(strategy.rho):
             return (
                 f"rho has {len(strategy.rho)} values (one per replica) but {type(module).__name__} runs "
@@ -195,9 +204,18 @@ class SAMMixin:
     normalize: bool
     adaptive: bool
     bn_update: BNUpdate
+    every_n_steps: int
 
-    def _init_sam(self, rho: Union[float, Sequence[float]], normalize: bool, adaptive: bool, bn_update: str) -> None:
+    def _init_sam(
+        self, rho: Union[float, Sequence[float]], normalize: bool, adaptive: bool, bn_update: str, every_n_steps: int
+    ) -> None:
         name = type(self).__name__
+        if not is_int(every_n_steps) or every_n_steps < 1:
+            raise ValueError(
+                f"{name}: every_n_steps={every_n_steps!r} is not allowed; it must be an integer >= 1 (1: SAM on every "
+                "optimizer step)."
+            )
+        self.every_n_steps = every_n_steps
         if isinstance(rho, (list, tuple)):
             if not rho or not all(_is_radius(r) for r in rho):
                 raise ValueError(f"{name}: rho={rho!r} is not allowed; a list of ρ needs one finite float > 0 per replica.")
@@ -217,6 +235,11 @@ class SAMMixin:
         self._perturbed_pass = False
         self._capturing = False
         self._first_output: Any = None
+
+    def is_sam_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (``trainer.global_step`` before it, counted from 0) is a SAM step; the
+        others are plain steps of the user's optimizer."""
+        return step % self.every_n_steps == 0
 
     @property
     def accelerator(self) -> Any:
@@ -291,6 +314,9 @@ class SAMMixin:
         """
         module = model if compat.is_lightning_module(model) else self.lightning_module  # type: ignore[attr-defined]
         if runs_sam_step(module):  # the module's own (manual) steps already are SAM steps
+            return super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
+        # The step index comes from the trainer, which restores it from checkpoints: a resumed run keeps the schedule.
+        if self.every_n_steps > 1 and not self.is_sam_step(compat.trainer_of(module).global_step):
             return super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
         name = type(self).__name__
 
@@ -392,6 +418,9 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
             adaptive: ASAM, ε ∝ |w|² g (see :func:`sam_perturbation`).
             bn_update: ``"first"``: running statistics of normalisation layers are updated only by the first pass
                 (default); ``"both"``: by both passes.
+            every_n_steps: the SAM step on the optimizer steps whose index (``trainer.global_step``, from 0) is a
+                multiple of n, a plain step of the user's optimizer on the others (default 1: SAM on every step).
+                Refused for a module that runs the SAM step itself unless 1.
             device: the device; ``None`` (default) takes the one chosen by the Trainer's ``accelerator``/``devices``.
             accelerator: as for Lightning's ``SingleDeviceStrategy``.
             checkpoint_io: as for Lightning's ``SingleDeviceStrategy``.
@@ -406,6 +435,7 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
             normalize: bool = True,
             adaptive: bool = False,
             bn_update: BNUpdate = "first",
+            every_n_steps: int = 1,
             device: Optional[Device] = None,
             accelerator: Optional[Accelerator] = None,
             checkpoint_io: Optional[CheckpointIO] = None,
@@ -422,7 +452,7 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
             # stay on "cpu" with accelerator="gpu"): exposing ``parallel_devices`` lets the connector hand it over.
             self._sam_device = torch.device("cpu" if device is None else device)
             self._sam_device_given = device is not None
-            self._init_sam(rho, normalize, adaptive, bn_update)
+            self._init_sam(rho, normalize, adaptive, bn_update, every_n_steps)
 
         @property
         def root_device(self) -> torch.device:
@@ -465,6 +495,7 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
             normalize: as for ``SAMStrategy``.
             adaptive: as for ``SAMStrategy``.
             bn_update: as for ``SAMStrategy``.
+            every_n_steps: as for ``SAMStrategy``.
             sync_ascent: ``True``: all-reduce the ascent gradient too (every rank uses the global gradient for ε).
             accelerator: as for Lightning's ``DDPStrategy``.
             parallel_devices: as for Lightning's ``DDPStrategy``.
@@ -486,6 +517,7 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
             normalize: bool = True,
             adaptive: bool = False,
             bn_update: BNUpdate = "first",
+            every_n_steps: int = 1,
             sync_ascent: bool = False,
             accelerator: Optional[Accelerator] = None,
             parallel_devices: Optional[list[torch.device]] = None,
@@ -509,7 +541,7 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
                 **kwargs,
             )
             self.sync_ascent = bool(sync_ascent)
-            self._init_sam(rho, normalize, adaptive, bn_update)
+            self._init_sam(rho, normalize, adaptive, bn_update, every_n_steps)
 
         def _ascent_context(self) -> contextlib.AbstractContextManager:
             model = self.model

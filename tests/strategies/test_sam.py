@@ -305,6 +305,42 @@ def test_hooks_clipping_and_logging_per_step() -> None:
     assert not is_perturbed_pass(trainer) and not is_perturbed_pass(model) and not is_perturbed_pass()
 
 
+def ref_plain_step(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+    """One plain step of ``opt`` with the gradient at ``w`` (float64)."""
+    params = list(net.parameters())
+    for p, g in zip(params, torch.autograd.grad(nn.functional.mse_loss(net(x), y), params)):
+        p.grad = g
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_every_n_steps_matches_reference_loop(every: int) -> None:
+    rho, lr, steps = 0.2, 0.05, 7
+    model = TinyModule(optimizer="sgd", lr=lr, n=4 * steps)
+    net64 = copy.deepcopy(model.net).double()
+    opt64 = make_ref_optimizer("sgd", net64.parameters(), lr)
+    rec = Recorder()
+    trainer = make_trainer(strategy=SAMStrategy(rho=rho, every_n_steps=every), max_steps=steps, callbacks=[rec])
+    trainer.fit(model)
+
+    data = make_data(4 * steps)
+    ref_losses = []
+    for s in range(steps):
+        x, y = data.tensors[0][4 * s : 4 * s + 4].double(), data.tensors[1][4 * s : 4 * s + 4].double()
+        if s % every == 0:  # SAM on steps 0, n, 2n, ... (trainer.global_step before the step)
+            ref_losses.append(ref_sam_step(net64, opt64, [(x, y)], rho, True, False))
+        else:
+            ref_losses.append(float(nn.functional.mse_loss(net64(x), y).detach()))
+            ref_plain_step(net64, opt64, x, y)
+    for p, q in zip(model.net.parameters(), net64.parameters()):
+        torch.testing.assert_close(p.detach().double(), q.detach(), atol=2e-6, rtol=1e-5)
+    assert model.counts["training_step_perturbed"] == len(range(0, steps, every))
+    assert model.counts["training_step_first"] == steps and model.counts["on_before_optimizer_step"] == steps
+    assert rec.logged_loss == pytest.approx(ref_losses, rel=1e-5)
+    assert float(trainer.callback_metrics["perturbed_flag"]) == 0.0
+
+
 def test_bf16_mixed_runs_close_to_fp32() -> None:
     ref = TinyModule(lr=0.05)
     make_trainer(strategy=SAMStrategy(rho=0.1), max_steps=2).fit(ref)
@@ -348,6 +384,31 @@ def test_resume_from_checkpoint_is_identical(tmp_path: Path, optimizer: str) -> 
     t2 = make_trainer(strategy=SAMStrategy(rho=0.1), max_epochs=2)
     t2.fit(resumed, ckpt_path=ckpt)
     assert t2.global_step == 4
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_every_n_steps_resume_mid_cycle_is_identical(tmp_path: Path) -> None:
+    # 12 samples, batch 4: 3 steps per epoch; with every_n_steps=2 the run stops after step 2 (a SAM step) and the
+    # resumed run starts with step 3, a plain one: the schedule follows trainer.global_step, not a counter of its own
+    def strategy() -> Any:
+        return SAMStrategy(rho=0.1, every_n_steps=2)
+
+    straight = TinyModule(optimizer="adam", n=12, lr=0.05)
+    make_trainer(strategy=strategy(), max_epochs=2).fit(straight)
+    assert straight.counts["training_step_perturbed"] == 3  # steps 0, 2, 4
+
+    first = TinyModule(optimizer="adam", n=12, lr=0.05)
+    t1 = make_trainer(strategy=strategy(), max_epochs=1)
+    t1.fit(first)
+    ckpt = tmp_path / "sam.ckpt"
+    t1.save_checkpoint(ckpt)
+
+    resumed = TinyModule(optimizer="adam", n=12, lr=0.05, seed=123)
+    t2 = make_trainer(strategy=strategy(), max_epochs=2)
+    t2.fit(resumed, ckpt_path=ckpt)
+    assert t2.global_step == 6
+    assert first.counts["training_step_perturbed"] + resumed.counts["training_step_perturbed"] == 3
     for p, q in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(p, q)
 
@@ -468,8 +529,9 @@ class StepRecorder(Callback):
         self.output_loss.append(float(outputs["loss"]))
 
 
-def demo_reference(rec: StepRecorder, rho: float) -> tuple[list[Tensor], list[float]]:
-    """Float64 SAM steps of the demo BoringModel (Linear 32->2, MSE to ones, SGD lr 0.1) from the recorded start."""
+def demo_reference(rec: StepRecorder, rho: float, every_n_steps: int = 1) -> tuple[list[Tensor], list[float]]:
+    """Float64 SAM steps of the demo BoringModel (Linear 32->2, MSE to ones, SGD lr 0.1) from the recorded start;
+    with ``every_n_steps`` a plain SGD step on the steps whose index is not a multiple of it."""
     net = nn.Linear(32, 2).double()
     with torch.no_grad():
         for p, w in zip(net.parameters(), rec.weights[0]):
@@ -478,10 +540,16 @@ def demo_reference(rec: StepRecorder, rho: float) -> tuple[list[Tensor], list[fl
     losses = []
     names = [n for n, _ in net.named_parameters()]
     params = list(net.parameters())
-    for x in rec.batches:
+    for step, x in enumerate(rec.batches):
         x = x.double()
         loss = nn.functional.mse_loss(net(x), torch.ones(len(x), 2, dtype=torch.float64))
         losses.append(float(loss.detach()))
+        if step % every_n_steps:
+            for p, g in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = g
+            opt.step()
+            opt.zero_grad()
+            continue
         e = ref_perturbation([p.detach() for p in params], list(torch.autograd.grad(loss, params)), rho, True, False)
         shifted = {n: (p.detach() + ei).requires_grad_() for n, p, ei in zip(names, params, e)}
         out = functional_call(net, shifted, (x,))
@@ -531,6 +599,24 @@ def test_demo_boring_model_matches_reference(lightning: ModuleType, how: str, tm
             assert torch.equal(p, q)
 
 
+def test_every_n_steps_on_demo_model_matches_reference(lightning: ModuleType, tmp_path: Path) -> None:
+    import importlib
+
+    BoringModel = importlib.import_module(f"{lightning.__name__}.demos.boring_classes").BoringModel
+    rec = StepRecorder()
+    quiet = dict(QUIET, max_steps=5, limit_val_batches=0, callbacks=[rec], default_root_dir=str(tmp_path))
+    lightning.seed_everything(0, verbose=False)
+    model = BoringModel()
+    lightning.Trainer(strategy=sam_strategy_class(lightning)(rho=0.1, every_n_steps=2), **quiet).fit(model)
+    want, losses = demo_reference(rec, 0.1, every_n_steps=2)
+    for p, q in zip(model.parameters(), want):
+        torch.testing.assert_close(p.detach().double(), q, atol=2e-6, rtol=1e-5)
+    assert rec.output_loss == pytest.approx(losses, rel=1e-5)
+    # and it is not the every-step SAM run
+    every_step, _ = demo_reference(rec, 0.1)
+    assert not all(torch.allclose(p.detach().double(), q, atol=1e-4) for p, q in zip(model.parameters(), every_step))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Refusals
 # ----------------------------------------------------------------------------------------------------------------
@@ -540,6 +626,13 @@ def test_bad_rho_refused(rho: float) -> None:
         SAMStrategy(rho=rho)
     with pytest.raises(ValueError, match=rf"rho={rho}.*> 0"):
         SAMDDPStrategy(rho=rho)
+
+
+@pytest.mark.parametrize("every", [0, -2, 1.5, True, "2"])
+def test_bad_every_n_steps_refused(every: Any) -> None:
+    for cls in (SAMStrategy, SAMDDPStrategy):
+        with pytest.raises(ValueError, match=rf"every_n_steps={every!r} is not allowed; it must be an integer >= 1"):
+            cls(every_n_steps=every)
 
 
 def test_bad_bn_update_refused() -> None:
@@ -704,8 +797,9 @@ def test_training_step_returning_none_skips_the_step() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Two gloo DDP ranks on CPU
 # ----------------------------------------------------------------------------------------------------------------
-DDP_RHO, DDP_LR, DDP_STEPS = 0.2, 0.1, 4
+DDP_RHO, DDP_LR, DDP_STEPS = 0.2, 0.1, 6
 DDP_SYNC_FROM = 2  # steps before: per-rank ascent (default); from this step on: sync_ascent=True
+DDP_EVERY = 2  # every_n_steps: SAM on steps 0, 2, 4 (per-rank ascent, then synchronised), plain steps 1, 3, 5
 
 
 class DDPRecorder(Callback):
@@ -739,6 +833,7 @@ def ddp_worker(outdir: str) -> None:
         "fit",
         "--trainer.strategy", "lightning_lnsgd.SAMDDPStrategy",
         "--trainer.strategy.rho", str(DDP_RHO),
+        "--trainer.strategy.every_n_steps", str(DDP_EVERY),
         "--trainer.devices", "2",
         "--trainer.max_steps", str(DDP_STEPS),
         "--model.lr", str(DDP_LR),
@@ -747,7 +842,8 @@ def ddp_worker(outdir: str) -> None:
     ]
     defaults = dict(QUIET, devices=2, callbacks=[DDPRecorder(Path(outdir))], default_root_dir=outdir)
     cli = compat.LightningCLI(TinyModule, args=args, trainer_defaults=defaults, save_config_callback=None)
-    assert type(cli.trainer.strategy) is SAMDDPStrategy and cli.trainer.strategy.rho == DDP_RHO
+    strategy = cli.trainer.strategy
+    assert type(strategy) is SAMDDPStrategy and strategy.rho == DDP_RHO and strategy.every_n_steps == DDP_EVERY
 
 
 @pytest.mark.ddp
@@ -777,8 +873,8 @@ def test_ddp_two_ranks(tmp_path: Path, package: str) -> None:
     assert not torch.equal(r0["batches"][0][0], r1["batches"][0][0])
     assert r0["perturbed_flag"] == r1["perturbed_flag"] == 0.0
 
-    # float64 reference: ascent from the rank's own batch (sync_ascent=False) or from both batches (True), then the
-    # mean of the two ranks' second-pass gradients
+    # float64 reference: on SAM steps, ascent from the rank's own batch (sync_ascent=False) or from both batches
+    # (True), then the mean of the two ranks' second-pass gradients; on plain steps the mean of the ranks' gradients
     net64 = TinyModule().net.double()
     with torch.no_grad():
         for p, w in zip(net64.parameters(), r0["initial"]):
@@ -788,7 +884,13 @@ def test_ddp_two_ranks(tmp_path: Path, package: str) -> None:
     params = list(net64.parameters())
     for s in range(DDP_STEPS):
         b = [(r["batches"][s][0].double(), r["batches"][s][1].double()) for r in (r0, r1)]
-        if s >= DDP_SYNC_FROM:
+        if s % DDP_EVERY:
+            loss = sum(ref_loss(net64, dict(zip(names, params)), x, y) for x, y in b) / 2
+            for p, g in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = g
+            opt64.step()
+            opt64.zero_grad()
+        elif s >= DDP_SYNC_FROM:
             # the all-reduced ascent gradient is the gradient of the mean of the two ranks' losses
             loss = sum(ref_loss(net64, dict(zip(names, params)), x, y) for x, y in b) / 2
             g = torch.autograd.grad(loss, params)

@@ -94,3 +94,19 @@ def test_fused_path_computes_in_float64_under_64_true():
     single = TwoLayerLinear(**kw)
     _fit(single, max_steps=40)
     assert single.W.dtype == torch.float32 and not torch.equal(under_64.W.float(), single.W)
+
+
+def test_sam_every_n_steps_refused_on_the_fused_path_and_run_on_the_generic_one():
+    fused = TwoLayerLinear(dim=20, width=50, lr=0.01, steps_per_batch=10, backend="torch")
+    with pytest.raises(Exception, match=r"every_n_steps=3 is not supported for TwoLayerLinear.*every_n_steps=1") as err:
+        _fit(fused, max_steps=10, strategy=SAMStrategy(rho=0.05, every_n_steps=3))
+    assert "\n" not in str(err.value)
+    # the generic path (one Lightning step per SGD step) runs it: SAM on steps 0 and 3 only
+    runs = {}
+    for every in (1, 3):
+        model = TwoLayerLinear(dim=20, width=50, lr=0.01)
+        _fit(model, max_steps=4, strategy=SAMStrategy(rho=0.05, every_n_steps=every))
+        runs[every] = model.W.detach().clone()
+    plain = TwoLayerLinear(dim=20, width=50, lr=0.01)
+    _fit(plain, max_steps=4)
+    assert not torch.equal(runs[3], runs[1]) and not torch.equal(runs[3], plain.W)
