@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["REPLICA_TABLE", "ReplicaTable", "read_replica_table"]
 
-#: The table's file name, in the log directory of the fit's first logger (``trainer.default_root_dir`` without one).
+#: The table's file name, in the log directory of the fit's first logger (a fit without a logger writes none).
 REPLICA_TABLE = "replicas.csv"
 
 
@@ -29,8 +29,8 @@ def read_replica_table(path: str | os.PathLike) -> list[dict[str, float]]:
 
 
 class ReplicaTable(Callback):
-    """Writes ``replicas.csv``: one row per replica, in replica order, on global rank 0 at the end of training and
-    when the fit stops with an exception (with the values reached so far).
+    """Writes ``replicas.csv`` beside the run (:meth:`path`): one row per replica, in replica order, on global rank 0 at
+    the end of training and when the fit stops with an exception (with the values reached so far).
 
     Columns: ``replica`` (its index k), its settings (:meth:`~lightning_lnsgd.TwoLayerLinear.replica_settings`:
     ``seed``, ``lr`` η, ``init_scale`` α, ``sigma`` σ or ``flip_prob``, ``rho`` ρ), ``escape_step`` (the first checked
@@ -42,23 +42,23 @@ class ReplicaTable(Callback):
         super().__init__()
         self.model = model
 
-    def path(self, trainer: Any) -> Path:
-        """Where the table goes: the first logger's ``log_dir`` (else ``save_dir``), else ``default_root_dir``."""
+    def path(self, trainer: Any) -> Path | None:
+        """Where the table goes: the first logger's ``log_dir`` (else its ``save_dir``); ``None`` without a logger."""
         for logger in trainer.loggers:
             where = getattr(logger, "log_dir", None) or logger.save_dir
             if where:
                 return Path(where) / REPLICA_TABLE
-        return Path(trainer.default_root_dir) / REPLICA_TABLE
+        return None
 
     def write(self, trainer: Any) -> Path | None:
-        """Writes the table (rank 0 only) and returns its path; ``None`` without replicas or off rank 0."""
+        """Writes the table (rank 0 only) and returns its path; ``None`` without replicas or a logger, or off rank 0."""
         model = self.model
         settings = model.replica_settings()
-        if settings is None or not trainer.is_global_zero:
+        path = self.path(trainer)
+        if settings is None or path is None or not trainer.is_global_zero:
             return None
         values = {tag: v.detach().double().cpu().tolist() for tag, v in model.dynamics().items()}
         escape = model.escape_step.detach().cpu().tolist()
-        path = self.path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
