@@ -36,6 +36,11 @@ What each side relies on:
   what each replica runs with: one flat dict per replica (``{"seed": 3, "lr": 0.001, "sigma": 4.0}``), or ``None``.
   The :class:`~lightning_lnsgd.HParamsSummary` callback then adds them as ``replica/<name>`` columns of TensorBoard's
   HPARAMS tab, for the rows that the module writes, one per replica.
+* **A grid of replicas** (:class:`GridModule`, optional). A module that stacks its replicas from named axes (the
+  product of ``sigma``, ``lr``, ``seed``, ``rho``, …) returns the column of one axis, one value per replica of the
+  whole module, from ``grid_column(name)``. A plug-in setting written as ``"grid"`` (``LabelNoise(sigma="grid")``,
+  ``SAMStrategy(rho="grid")``) takes that column at setup (:func:`replica_column`), so that no list is written twice;
+  it then behaves exactly as the same list written out.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
 
 from .checks import is_int
 
-__all__ = ["MultiStepModule", "StepLayout", "replica_settings", "runs_sam_step", "step_layout"]
+__all__ = [
+    "GridModule", "MultiStepModule", "StepLayout", "replica_column", "replica_settings", "runs_sam_step", "step_layout"
+]
 
 
 class StepLayout(NamedTuple):
@@ -104,6 +111,36 @@ class MultiStepModule(Protocol):
         """One flat ``{name: bool, int, float or str}`` per stacked replica, the same names in each; ``None`` for one
         network. Called while the module is attached to a trainer (from ``on_fit_start`` on)."""
         ...
+
+
+@runtime_checkable
+class GridModule(Protocol):
+    """A module whose stacked replicas are the product of named axes (see :mod:`lightning_lnsgd.protocol`)."""
+
+    def grid_column(self, name: str) -> Optional[list[float]]:
+        """The value of axis ``name`` for each replica of the whole module, in replica order; ``None`` when the
+        module has no such axis."""
+        ...
+
+
+def replica_column(module: object, name: str, owner: str) -> list[float]:
+    """The per-replica values of the grid axis ``name`` of ``module``, for a plug-in setting written ``"grid"``.
+
+    ``owner`` names the plug-in in the error raised when ``module`` declares no such axis.
+
+    >>> class Grid:
+    ...     def grid_column(self, name):
+    ...         return [1.0, 1.0, 2.0, 2.0] if name == "sigma" else None
+    >>> replica_column(Grid(), "sigma", "LabelNoise")
+    [1.0, 1.0, 2.0, 2.0]
+    """
+    column = module.grid_column(name) if isinstance(module, GridModule) else None
+    if column is None:
+        raise ValueError(
+            f"{owner}: {name}='grid' takes one value per replica from the module's grid, but {type(module).__name__} "
+            f"has no grid axis {name!r}; add `{name}` to the model's `grid`, or give {name} as a float or a list."
+        )
+    return [float(v) for v in column]
 
 
 def step_layout(module: object) -> Optional[StepLayout]:

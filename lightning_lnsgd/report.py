@@ -16,6 +16,12 @@ inside the run's version folder, each with the tags of a single run and its sett
 written before that layout, with ``<tag>/r{k}`` and ``replica/<name>/r{k}`` tags in the run itself, are read too.
 ``--escape-vs sigma|lr|init_scale`` draws each replica's ``phase/escape_step`` against its ``replica/<name>``.
 
+``--phase-diagram X Y`` (e.g. ``sigma lr``) draws Theorem 2's phase diagram of a grid run from its ``replicas.csv``
+(:class:`~lightning_lnsgd.twolayer.replica_table.ReplicaTable`): the escape step over the X × Y grid, the mean over
+the other settings (the seeds) of the replicas that escaped, cells where none escaped marked ×, cells where some did
+not marked with a dot; the fitted power law T₁ = c·X^a·Y^b (:func:`power_law_fit`) as contours; and it prints a and b
+with their 95 % intervals (Theorem 2: T₁ ∝ 1/(σ²η²), a = b = −2).
+
 ``--out`` is written exactly when its extension is a format matplotlib writes (:func:`image_formats`); without an
 extension ``.png`` is appended, and an existing directory (or a path ending in ``/``) gets ``phases.png``
 (``escape_vs_<PARAM>.png`` with ``--escape-vs``) inside it. The path written is printed and returned.
@@ -33,12 +39,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "PANELS", "REPLICA_RUN", "ReportError", "ReportWarning", "event_dirs", "check_event_file", "escape_figure",
     "escape_points", "expand_replicas", "image_formats", "layers_in", "load_run", "load_scalars", "main",
-    "output_path", "phase_figure", "split_stacked",
+    "output_path", "phase_diagram_figure", "phase_figure", "PowerLawFit", "power_law_fit", "split_stacked",
+    "find_replica_table", "t_quantile_975",
 ]
 
 #: (panel title, [(tag suffix or full tag, line style)], log y, horizontal reference line)
@@ -332,6 +339,154 @@ def escape_figure(runs: Sequence[dict[int, Scalars]], labels: Sequence[str], par
     return fig
 
 
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` ≥ 1 degrees of freedom: exact for 1 and 2, else the
+    Cornish–Fisher expansion to 1/df⁴ (within 0.004 of the exact value at df = 3, 1e-5 from df = 10 on).
+
+    >>> round(t_quantile_975(1), 3), round(t_quantile_975(2), 3), round(t_quantile_975(10), 3)
+    (12.706, 4.303, 2.228)
+    """
+    import math
+
+    if df < 1:
+        raise ValueError(f"t_quantile_975: df={df!r} must be an int >= 1.")
+    if df == 1:
+        return math.tan(math.pi * 0.475)
+    if df == 2:
+        return 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))
+    z, v = 1.959963984540054, float(df)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+
+
+class PowerLawFit(NamedTuple):
+    """T = c · x^a · y^b fitted by least squares on log T (:func:`power_law_fit`)."""
+
+    a: float
+    b: float
+    #: 95 % t-intervals of ``a`` and ``b``.
+    a_interval: tuple[float, float]
+    b_interval: tuple[float, float]
+    c: float
+    #: Points fitted.
+    n: int
+
+    def __call__(self, x: Any, y: Any) -> Any:
+        """The fitted T at ``x``, ``y`` (floats or numpy arrays)."""
+        return self.c * x**self.a * y**self.b
+
+
+def power_law_fit(x: Sequence[float], y: Sequence[float], t: Sequence[float]) -> PowerLawFit:
+    """Least squares of log T = log c + a log x + b log y over positive points, with 95 % t-intervals of a and b
+    (n − 3 degrees of freedom; needs n ≥ 4 and x, y each with two values or more).
+
+    >>> fit = power_law_fit([1, 2, 4, 1, 2, 4], [1, 1, 1, 2, 2, 2], [5 * x**-2 * y**-3 for x, y in
+    ...                     zip([1, 2, 4, 1, 2, 4], [1, 1, 1, 2, 2, 2])])
+    >>> round(fit.a, 6), round(fit.b, 6), round(fit.c, 6), fit.n
+    (-2.0, -3.0, 5.0, 6)
+    """
+    import numpy as np
+
+    X = np.column_stack([np.ones(len(t)), np.log(np.asarray(x, float)), np.log(np.asarray(y, float))])
+    Y = np.log(np.asarray(t, float))
+    n = len(Y)
+    if n < 4 or np.linalg.matrix_rank(X) < 3:
+        raise ReportError(f"report: a power-law fit needs 4 points or more spread over two values of each axis; got {n}.")
+    coef, *_ = np.linalg.lstsq(X, Y, rcond=None)
+    resid = Y - X @ coef
+    s2 = float(resid @ resid) / max(n - 3, 1)
+    se = np.sqrt(np.maximum(np.diag(np.linalg.inv(X.T @ X)) * s2, 0.0))
+    q = t_quantile_975(max(n - 3, 1))
+    a, b = float(coef[1]), float(coef[2])
+    return PowerLawFit(a, b, (a - q * se[1], a + q * se[1]), (b - q * se[2], b + q * se[2]), float(np.exp(coef[0])), n)
+
+
+#: Symbols of the grid axes in figure labels.
+SYMBOLS = {"sigma": "σ", "lr": "η", "init_scale": "α", "rho": "ρ", "flip_prob": "τ"}
+
+
+def find_replica_table(run_dir: str | os.PathLike) -> Path:
+    """The one ``replicas.csv`` under ``run_dir`` (searched recursively); :class:`ReportError` for none or several."""
+    path = Path(run_dir)
+    found = [path] if path.is_file() else sorted(path.rglob("replicas.csv"))
+    if len(found) != 1:
+        listed = ", ".join(str(p) for p in found[:5]) or "none"
+        raise ReportError(
+            f"report: --phase-diagram needs exactly one replicas.csv under {os.fspath(run_dir)!r} (written by a stacked "
+            f"TwoLayerLinear run with a logger); found {listed}: give the version folder or the file."
+        )
+    return found[0]
+
+
+def phase_diagram_figure(rows: Sequence[dict[str, float]], x: str, y: str) -> tuple[Any, PowerLawFit]:
+    """Theorem 2's phase diagram of a grid run: the escape step over its ``y`` (rows) × ``x`` (columns) grid and the
+    power law fitted through the replicas that escaped (see the module docstring); ``rows`` as
+    :func:`~lightning_lnsgd.twolayer.replica_table.read_replica_table` gives them. Returns the figure and the fit."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    for name in (x, y):
+        if not rows or name not in rows[0]:
+            have = ", ".join(k for k in (rows[0] if rows else {}) if k not in ("replica", "escape_step", "step"))
+            raise ReportError(f"report: --phase-diagram {name!r} is not a column of the replica table; it has: {have}.")
+    xs, ys = sorted({r[x] for r in rows}), sorted({r[y] for r in rows})
+    cells: dict[tuple[float, float], list[float]] = {}
+    for r in rows:
+        cells.setdefault((r[x], r[y]), []).append(r["escape_step"])
+    mean = np.full((len(ys), len(xs)), np.nan)
+    for (cx, cy), steps in cells.items():
+        escaped = [t for t in steps if t > 0]
+        if escaped:
+            mean[ys.index(cy), xs.index(cx)] = sum(escaped) / len(escaped)
+    done = [r for r in rows if r["escape_step"] > 0]
+    fit = power_law_fit([r[x] for r in done], [r[y] for r in done], [r["escape_step"] for r in done])
+
+    def edges(v: list[float]) -> np.ndarray:  # cell borders half-way between values on a log axis
+        lv = np.log(v)
+        mid = (lv[1:] + lv[:-1]) / 2 if len(v) > 1 else np.array([])
+        step = (lv[-1] - lv[0]) / max(len(v) - 1, 1) or math.log(2)
+        return np.exp(np.concatenate([[lv[0] - step / 2], mid, [lv[-1] + step / 2]]))
+
+    fig, ax = plt.subplots(figsize=(6.4, 5), dpi=100)
+    ex, ey = edges(xs), edges(ys)
+    finite = mean[np.isfinite(mean)]
+    mesh = ax.pcolormesh(ex, ey, np.ma.masked_invalid(mean), cmap="viridis", shading="flat",
+                         norm=LogNorm(vmin=float(finite.min()), vmax=float(finite.max())) if finite.size else None)
+    ax.set_facecolor("0.85")
+    fig.colorbar(mesh, ax=ax, label="escape step (mean over the replicas that escaped)")
+    for (cx, cy), steps in cells.items():
+        n_out = sum(t > 0 for t in steps)
+        if n_out == 0:
+            ax.plot(cx, cy, "x", color="k", ms=8)
+        elif n_out < len(steps):
+            ax.plot(cx, cy, ".", color="w", ms=6)
+    gx, gy = np.meshgrid(np.geomspace(ex[0], ex[-1], 100), np.geomspace(ey[0], ey[-1], 100))
+    levels = np.geomspace(float(finite.min()), float(finite.max()), 6) if finite.size > 1 else None
+    contours = ax.contour(gx, gy, fit(gx, gy), levels=levels, colors="w", linewidths=0.8)
+    ax.clabel(contours, fmt=lambda v: f"{v:,.0f}", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    sx, sy = SYMBOLS.get(x, x), SYMBOLS.get(y, y)
+    ax.set_xlabel(sx)
+    ax.set_ylabel(sy)
+    ax.set_title(
+        f"fit T₁ ∝ {sx}^a {sy}^b: a = {fit.a:.2f} [{fit.a_interval[0]:.2f}, {fit.a_interval[1]:.2f}], "
+        f"b = {fit.b:.2f} [{fit.b_interval[0]:.2f}, {fit.b_interval[1]:.2f}]",
+        fontsize=9,
+    )
+    fig.text(0.01, 0.01, f"× no replica escaped, · some did not; lines: the fit ({fit.n} escaped replicas of "
+             f"{len(rows)})", fontsize=7)
+    fig.tight_layout()
+    return fig, fit
+
+
 def image_formats() -> list[str]:
     """The file extensions matplotlib writes (``png``, ``pdf``, ``svg``, ...), sorted."""
     from matplotlib.figure import Figure
@@ -376,7 +531,29 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="instead of the phase figure: escape step of each replica against its σ (sigma) or η (lr), "
         "with Theorem 2's slope",
     )
+    parser.add_argument(
+        "--phase-diagram", nargs=2, default=None, metavar=("X", "Y"),
+        help="instead of the phase figure: the escape step of a grid run over its X × Y axes (e.g. sigma lr) from its "
+        "replicas.csv, with the fitted power law T₁ ∝ X^a Y^b; prints a and b with their 95%% intervals",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.phase_diagram:
+        from .twolayer.replica_table import read_replica_table
+
+        try:
+            out = output_path(args.out, "phase_diagram.png")
+            if len(args.run_dirs) != 1:
+                raise ReportError(f"report: --phase-diagram draws one run; got {len(args.run_dirs)} RUN_DIRs.")
+            table = find_replica_table(args.run_dirs[0])
+            fig, fit = phase_diagram_figure(read_replica_table(table), *args.phase_diagram)
+        except ReportError as err:
+            parser.error(str(err))
+        x, y = args.phase_diagram
+        print(f"report: {table}: T₁ ∝ {x}^a · {y}^b fitted on {fit.n} escaped replicas:")
+        print(f"  a ({x}) = {fit.a:.3f}  95% interval [{fit.a_interval[0]:.3f}, {fit.a_interval[1]:.3f}]")
+        print(f"  b ({y}) = {fit.b:.3f}  95% interval [{fit.b_interval[0]:.3f}, {fit.b_interval[1]:.3f}]")
+        print("  Theorem 2: a = b = -2")
+        return _save(fig, out)
     if args.labels is not None and len(args.labels) != len(args.run_dirs):
         parser.error(f"--labels: got {len(args.labels)} labels for {len(args.run_dirs)} run directories; give one per RUN_DIR.")
     labels = args.labels or [Path(d).resolve().name for d in args.run_dirs]
@@ -397,6 +574,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             fig = phase_figure([p[1] for p in pairs], [p[0] for p in pairs], layer=args.layer)
     except ReportError as err:
         parser.error(str(err))
+    return _save(fig, out)
+
+
+def _save(fig: Any, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format=out.suffix[1:].lower())
     import matplotlib.pyplot as plt

@@ -221,3 +221,52 @@ def test_report_draws_one_and_two_point_curves(tmp_path: Path) -> None:
     blue = [round(255 * c) for c in to_rgb(by_points[1].get_color())]
     assert _pixels_of(fig, loss_ax, blue) > 10  # the one point is visible on the canvas
     assert _pixels_of(fig, lazy_ax, blue) > 10
+
+
+def _grid_table(path: Path, censored: set[tuple[float, float]]) -> None:
+    """A replicas.csv of a 3 σ × 3 η × 4 seeds grid whose escape steps follow T = 50·σ^-2·η^-1.5 times a factor per
+    seed (the same in every cell), with the cells in ``censored`` never escaping."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["replica", "seed", "lr", "init_scale", "sigma", "escape_step", "step", "train/loss"])
+        k = 0
+        for sigma in (1.0, 2.0, 4.0):
+            for lr in (0.01, 0.02, 0.04):
+                for seed, factor in enumerate((0.8, 0.9, 1.1, 1.3)):
+                    t = -1 if (sigma, lr) in censored else 50 * sigma**-2 * lr**-1.5 * factor
+                    w.writerow([k, seed, lr, 1.0, sigma, t, 100000, 0.5])
+                    k += 1
+
+
+def test_phase_diagram_fits_the_grid_exponents_and_marks_censored_cells(tmp_path, capsys):
+    _grid_table(tmp_path / "replicas.csv", censored={(1.0, 0.01)})
+    out = report.main([str(tmp_path), "--phase-diagram", "sigma", "lr", "--out", str(tmp_path / "pd.png")])
+    assert out == tmp_path / "pd.png" and 5_000 < out.stat().st_size < 150_000
+    printed = capsys.readouterr().out
+    assert "a (sigma) = -2.000" in printed and "b (lr) = -1.500" in printed and "on 32 escaped replicas" in printed
+    from lightning_lnsgd.twolayer.replica_table import read_replica_table
+
+    fig, fit = report.phase_diagram_figure(read_replica_table(tmp_path), "sigma", "lr")
+    # The seed factors are the same in every cell, so the exponents are exact and the intervals hold them.
+    assert fit.a == pytest.approx(-2.0, abs=1e-9) and fit.b == pytest.approx(-1.5, abs=1e-9) and fit.n == 32
+    assert fit.a_interval[0] < -2.0 < fit.a_interval[1] and fit.a_interval[1] - fit.a_interval[0] < 0.5
+    assert fit(2.0, 0.02) == pytest.approx(50 * 2.0**-2 * 0.02**-1.5 * (0.8 * 0.9 * 1.1 * 1.3) ** 0.25)
+    # The censored cell is drawn as a cross at its (σ, η) (X = σ across, Y = η up), and its colour cell is left empty.
+    axes = fig.axes[0]
+    crosses = [line.get_xydata().tolist() for line in axes.lines if line.get_marker() == "x"]
+    assert crosses == [[[1.0, 0.01]]]
+    mesh = axes.collections[0].get_array()
+    assert bool(mesh.mask[0, 0]) and not bool(mesh.mask.ravel()[1:].any())
+    assert float(mesh[2, 2]) == pytest.approx(50 * 4.0**-2 * 0.04**-1.5 * (0.8 + 0.9 + 1.1 + 1.3) / 4)
+
+
+def test_phase_diagram_refusals(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path), "--phase-diagram", "sigma", "lr", "--out", str(tmp_path / "pd.png")])
+    assert "needs exactly one replicas.csv" in capsys.readouterr().err
+    _grid_table(tmp_path / "replicas.csv", censored=set())
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path), "--phase-diagram", "sigma", "rho", "--out", str(tmp_path / "pd.png")])
+    assert "'rho' is not a column of the replica table; it has: seed, lr, init_scale, sigma" in capsys.readouterr().err

@@ -36,7 +36,7 @@ import torch
 
 from ..checks import is_int, is_real
 from ..compat import Callback, LightningModule, Trainer
-from ..protocol import StepLayout, step_layout
+from ..protocol import StepLayout, replica_column, step_layout
 from . import noise_draw
 from ._common import log_metrics
 from .batch import Swap, locate, path_str, replace, swap_in
@@ -65,7 +65,9 @@ class LabelNoise(Callback):
         kind: ``"rademacher"`` (ε = ±σ, float labels), ``"gaussian"`` (ε ~ N(0, σ²), float labels) or ``"flip"``
             (class labels redrawn by the noise model ``transition``).
         sigma: noise level σ ≥ 0 for rademacher/gaussian, in label units (paper: 4); or a list of them, one per
-            stacked replica of a :class:`~lightning_lnsgd.protocol.MultiStepModule` with that many replicas.
+            stacked replica of a :class:`~lightning_lnsgd.protocol.MultiStepModule` with that many replicas; or
+            ``"grid"``: that list, taken at setup from the module's grid axis ``sigma``
+            (:func:`~lightning_lnsgd.protocol.replica_column`).
         flip_prob: flip probability τ ∈ [0, 1] of ``transition="symmetric"`` or ``"pair"``; ``None``: 0.1. Must
             be ``None`` with a transition matrix (the matrix holds the probabilities).
         num_classes: number of classes C for ``kind="flip"`` (≥ 2). ``None``: the size of a ``transition``
@@ -115,7 +117,7 @@ class LabelNoise(Callback):
     def __init__(
         self,
         kind: Literal["rademacher", "gaussian", "flip"] = "rademacher",
-        sigma: float | list[float] = 4.0,
+        sigma: float | list[float] | Literal["grid"] = 4.0,
         flip_prob: float | None = None,
         num_classes: int | None = None,
         target: int | str | None = None,
@@ -131,11 +133,12 @@ class LabelNoise(Callback):
     ) -> None:
         if kind not in _KINDS:
             raise ValueError(f"LabelNoise: `kind` must be 'rademacher', 'gaussian' or 'flip', got {kind!r}.")
+        from_grid = isinstance(sigma, str) and sigma == "grid"
         is_list = isinstance(sigma, (list, tuple))
-        if not (all(is_real(v, 0) for v in sigma) and len(sigma) > 0 if is_list else is_real(sigma, 0)):
+        if not from_grid and not (all(is_real(v, 0) for v in sigma) and len(sigma) > 0 if is_list else is_real(sigma, 0)):
             raise ValueError(
                 "LabelNoise: `sigma` must be a finite float >= 0 (the noise level in label units), or a list of them"
-                f" (one per stacked replica), got {sigma!r}."
+                f" (one per stacked replica), or 'grid', got {sigma!r}."
             )
         if flip_prob is not None and not is_real(flip_prob, 0.0, 1.0):
             raise ValueError(f"LabelNoise: `flip_prob` must be a probability in [0, 1] (or None), got {flip_prob!r}.")
@@ -173,8 +176,10 @@ class LabelNoise(Callback):
         self.kind = kind
         #: σ in label units, or one σ per stacked replica.
         self.sigma: float | list[float] = (
-            [float(v) for v in sigma] if is_list else float(sigma)  # type: ignore[union-attr,arg-type]
+            [] if from_grid else [float(v) for v in sigma] if is_list else float(sigma)  # type: ignore[union-attr,arg-type]
         )
+        #: Whether ``sigma`` is taken from the module's grid (its ``sigma`` axis) at each fit's setup.
+        self.sigma_from_grid = from_grid
         #: τ of "symmetric" / "pair"; None with a transition matrix.
         self.flip_prob: float | None = None if table is not None else float(
             DEFAULT_FLIP_PROB if flip_prob is None else flip_prob
@@ -228,6 +233,8 @@ class LabelNoise(Callback):
             return
         self._checked = False  # a new fit may bring new data: redo the first-batch checks
         self._targets = None
+        if self.sigma_from_grid:
+            self.sigma = replica_column(pl_module, "sigma", "LabelNoise")
         if "dataloader_iter" in inspect.signature(pl_module.training_step).parameters:
             raise ValueError(
                 f"LabelNoise: {type(pl_module).__name__}.training_step takes `dataloader_iter`, so its batches never"

@@ -44,7 +44,7 @@ from torch.optim import Optimizer
 
 from .. import compat
 from ..checks import is_int, is_real
-from ..protocol import runs_sam_step, step_layout
+from ..protocol import replica_column, runs_sam_step, step_layout
 from .perturbation import sam_perturbation
 
 try:  # the default timeout of torch.distributed process groups (what DDPStrategy uses)
@@ -207,7 +207,12 @@ class SAMMixin:
     every_n_steps: int
 
     def _init_sam(
-        self, rho: Union[float, Sequence[float]], normalize: bool, adaptive: bool, bn_update: str, every_n_steps: int
+        self,
+        rho: Union[float, Sequence[float], str],
+        normalize: bool,
+        adaptive: bool,
+        bn_update: str,
+        every_n_steps: int,
     ) -> None:
         name = type(self).__name__
         if not is_int(every_n_steps) or every_n_steps < 1:
@@ -216,14 +221,18 @@ class SAMMixin:
                 "optimizer step)."
             )
         self.every_n_steps = every_n_steps
-        if isinstance(rho, (list, tuple)):
+        #: Whether ``rho`` is taken from the module's grid (its ``rho`` axis) at each fit's setup.
+        self.rho_from_grid = isinstance(rho, str) and rho == "grid"
+        if self.rho_from_grid:
+            self.rho = []
+        elif isinstance(rho, (list, tuple)):
             if not rho or not all(_is_radius(r) for r in rho):
                 raise ValueError(f"{name}: rho={rho!r} is not allowed; a list of ρ needs one finite float > 0 per replica.")
             self.rho = [float(r) for r in rho]
         elif _is_radius(rho):
             self.rho = float(rho)  # type: ignore[arg-type]
         else:
-            raise ValueError(f"{name}: rho={rho!r} is not allowed; rho must be a finite float > 0.")
+            raise ValueError(f"{name}: rho={rho!r} is not allowed; rho must be a finite float > 0, a list of them or 'grid'.")
         if bn_update not in ("first", "both"):
             raise ValueError(
                 f"{name}: bn_update={bn_update!r} is not allowed; choose 'first' (batch-norm running statistics "
@@ -263,6 +272,8 @@ class SAMMixin:
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)  # type: ignore[misc]
         if trainer.state.fn == "fit":
+            if self.rho_from_grid:
+                self.rho = replica_column(trainer.lightning_module, "rho", type(self).__name__)
             self._validate_sam(trainer)
 
     def _validate_sam(self, trainer: Any) -> None:
@@ -413,7 +424,8 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
 
         Args:
             rho: perturbation radius ρ > 0; a list gives one ρ per stacked replica of a module that runs the SAM
-                step itself (:class:`lightning_lnsgd.protocol.MultiStepModule`; refused for other modules).
+                step itself (:class:`lightning_lnsgd.protocol.MultiStepModule`; refused for other modules); ``"grid"``
+                takes that list at setup from the module's grid axis ``rho`` (:func:`lightning_lnsgd.protocol.replica_column`).
             normalize: ``True``: ε = ρ g/‖g‖ (Foret); ``False``: ε = ρ g.
             adaptive: ASAM, ε ∝ |w|² g (see :func:`sam_perturbation`).
             bn_update: ``"first"``: running statistics of normalisation layers are updated only by the first pass
@@ -431,7 +443,7 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
 
         def __init__(
             self,
-            rho: Union[float, list[float]] = 0.05,
+            rho: Union[float, list[float], Literal["grid"]] = 0.05,
             normalize: bool = True,
             adaptive: bool = False,
             bn_update: BNUpdate = "first",
@@ -513,7 +525,7 @@ def _make_flavours(package_name: str, served: bool) -> tuple[type, type]:
 
         def __init__(
             self,
-            rho: Union[float, list[float]] = 0.05,
+            rho: Union[float, list[float], Literal["grid"]] = 0.05,
             normalize: bool = True,
             adaptive: bool = False,
             bn_update: BNUpdate = "first",

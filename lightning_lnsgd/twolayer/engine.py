@@ -47,7 +47,7 @@ def refuse_unsupported_settings(model: TwoLayerLinear, trainer: Any) -> None:
     it has no autocast (mixed precision), no gradient clipping and no gradient accumulation.
     """
     where = (
-        f"the fused path (backend={model.hparams.backend!r}, replicas={model.hparams.replicas!r}, "
+        f"the fused path (backend={model.hparams.backend!r}, replicas={model.replicas!r}, "
         f"steps_per_batch={model.steps_per_batch})"
     )
     generic = "backend: autograd (the generic path: one unstacked network, steps_per_batch: 1)"

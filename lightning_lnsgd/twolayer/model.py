@@ -16,7 +16,9 @@ from ..protocol import StepLayout
 from ..strategies import sam_settings
 from . import engine
 from . import functional as F
+from .grid import expand_grid
 from .recorder import DivergenceError, Recorder
+from .replica_table import ReplicaTable
 from .shard import ReplicaShard
 
 __all__ = ["TwoLayerLinear", "DivergenceError"]
@@ -46,11 +48,21 @@ class TwoLayerLinear(pl.LightningModule):
             the ranks, see below); ``"auto"``: the generic path
             for one unstacked network with ``steps_per_batch=1``, else the fused path on the
             fastest backend for the device (triton on CUDA, numba on CPU when width ≥ dim, torch otherwise).
-        log_replicas: per-replica curves (``train/loss``, ``dynamics/*``, ... of each replica) are written when
-            K ≤ this; the mean over replicas is always written under the plain tag, and each replica's
-            ``phase/escape_step`` and settings (``replica/*``) always. With a TensorBoard logger each replica is its
-            own run, ``<log_dir>/r03-sigma4-seed3`` (see :class:`~lightning_lnsgd.twolayer.replica_runs.ReplicaRuns`),
-            with the tags of a single run; other loggers get ``<tag>/r{k}`` in the run itself.
+        log_replicas: per-replica values (``train/loss``, ``dynamics/*``, ``phase/escape_step`` and the settings
+            ``replica/*`` of each replica) are logged when K ≤ this; the mean over replicas is always written under
+            the plain tag. With a TensorBoard logger each replica is its own run, ``<log_dir>/r03-sigma4-seed3`` (see
+            :class:`~lightning_lnsgd.twolayer.replica_runs.ReplicaRuns`), with the tags of a single run; other loggers
+            get ``<tag>/r{k}`` in the run itself. Every stacked run also writes each replica's settings, escape step
+            and final values to the table ``replicas.csv`` in the log directory
+            (:class:`~lightning_lnsgd.twolayer.replica_table.ReplicaTable`): past ``log_replicas`` that table is
+            where they are.
+        grid: the replicas as the product of named axes, e.g. ``{sigma: [1, 2, 4], lr: [5e-4, 1e-3], seed: [0, 1]}``
+            (12 replicas), the last axis varying fastest (:func:`~lightning_lnsgd.twolayer.grid.expand_grid`). Axes:
+            ``seed`` (replica seed = ``seed`` + value), ``lr``, ``init_scale`` (they replace the scalar argument of
+            that name), ``sigma`` and ``rho`` (taken by ``LabelNoise(sigma="grid")`` and the SAM strategy's
+            ``rho="grid"``, which a fit then requires). Without a ``seed`` axis replica r has seed ``seed + r``.
+            Not with ``replica_seeds`` or a list ``lr``/``init_scale``; ``replicas``, if given, must equal the
+            product.
 
     The training loss is ½·mean of (ŷ − ỹ)² over the batch targets as they arrive, so it is the
     noisy loss when a :class:`~lightning_lnsgd.LabelNoise` callback is attached.
@@ -85,6 +97,7 @@ class TwoLayerLinear(pl.LightningModule):
         steps_per_batch: int = 1,
         backend: Backend = "auto",
         log_replicas: int = 16,
+        grid: dict[str, list[float]] | None = None,
     ) -> None:
         super().__init__()
         if dim is None or int(dim) != dim or dim < 1:
@@ -103,10 +116,37 @@ class TwoLayerLinear(pl.LightningModule):
             raise ValueError(
                 f"TwoLayerLinear: `backend` must be one of auto, autograd, torch, numba, triton; got {backend!r}."
             )
-        K = replicas
-        self.replica_seeds = None if K is None else _replica_list(replica_seeds, K, seed)
-        scales = _per_replica("init_scale", init_scale, K)
-        rates = _per_replica("lr", lr, K)
+        # The arguments stay as given (save_hyperparameters reads them); these are the values the replicas run with.
+        K, seeds, rate_arg, scale_arg = replicas, replica_seeds, lr, init_scale
+        #: The grid's columns, one value per replica for each axis (``None`` without a grid).
+        self.grid = None if grid is None else expand_grid(grid)
+        if self.grid is not None:
+            K_grid = len(next(iter(self.grid.values())))
+            if replicas is not None and replicas != K_grid:
+                raise ValueError(
+                    f"TwoLayerLinear: `replicas`={replicas!r} but the grid's axes make {K_grid} replicas; leave "
+                    "`replicas` unset or give the product of the axes' lengths."
+                )
+            if replica_seeds is not None:
+                raise ValueError(
+                    f"TwoLayerLinear: `replica_seeds`={replica_seeds!r} cannot be given with a `grid`; give the seeds"
+                    " as the grid's `seed` axis."
+                )
+            for name, given in (("lr", lr), ("init_scale", init_scale)):
+                if name in self.grid and not isinstance(given, (int, float)):
+                    raise ValueError(
+                        f"TwoLayerLinear: `{name}` is a list and `grid` has a `{name}` axis; give it in one place."
+                    )
+            K = K_grid
+            if "seed" in self.grid:
+                seeds = [seed + int(s) for s in self.grid["seed"]]
+            rate_arg = self.grid.get("lr", lr)
+            scale_arg = self.grid.get("init_scale", init_scale)
+        #: ``K``, the stacked replicas (``None``: one unstacked network).
+        self.replicas = K
+        self.replica_seeds = None if K is None else _replica_list(seeds, K, seed)
+        scales = _per_replica("init_scale", scale_arg, K)
+        rates = _per_replica("lr", rate_arg, K)
         for name, given, values in (("init_scale", init_scale, scales), ("lr", lr, rates)):
             if not all(math.isfinite(v) and v > 0 for v in values):
                 raise ValueError(f"TwoLayerLinear: `{name}` must be finite and > 0 (or a list of such), got {given!r}.")
@@ -116,7 +156,7 @@ class TwoLayerLinear(pl.LightningModule):
                 "TwoLayerLinear: backend='autograd' runs one unstacked network one step at a time; with "
                 f"replicas={K!r} or steps_per_batch={steps_per_batch} choose backend auto, torch, numba or triton."
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters()  # the arguments as given (a grid stays a grid)
         self.automatic_optimization = not self.fused
         self.steps_per_batch = int(steps_per_batch)
         self.init_scales = scales  # α per replica (one value without replicas)
@@ -170,6 +210,15 @@ class TwoLayerLinear(pl.LightningModule):
             block = self.shard.block
             return StepLayout(tuple(self.replica_seeds[block]), k, self.shard.index, self.shard.replicas)
         return StepLayout(None if self.replica_seeds is None else tuple(self.replica_seeds), k)
+
+    def grid_column(self, name: str) -> list[float] | None:
+        """The value of grid axis ``name`` for each replica (:class:`~lightning_lnsgd.protocol.GridModule`), ``None``
+        without a grid or that axis; the ``seed`` column holds the replicas' seeds."""
+        if self.grid is None or name not in self.grid:
+            return None
+        if name == "seed":
+            return list(self.replica_seeds or ())
+        return list(self.grid[name])
 
     def replica_settings(self) -> list[dict[str, float | int]] | None:
         """What each stacked replica runs with (:meth:`~lightning_lnsgd.protocol.MultiStepModule.replica_settings`), ``None`` without
@@ -242,8 +291,11 @@ class TwoLayerLinear(pl.LightningModule):
         # optimisation before `setup`, with a message that does not name the generic path.
         if self.fused and self.trainer.state.fn == "fit":
             engine.refuse_unsupported_settings(self, self.trainer)
-        # Stacked replicas: their own TensorBoard runs, closed at the end of fit and on an exception.
-        return [self.recorder.replica_runs] if self.replica_seeds is not None else []
+        # Stacked replicas: their own TensorBoard runs (closed at the end of fit and on an exception) and the results
+        # table.
+        if self.replica_seeds is None:
+            return []
+        return [self.recorder.replica_runs, ReplicaTable(self)]
 
     #: Lightning's start-up warnings that misdescribe the fused path, which has no torch optimizer by design and counts
     #: ``log_every_n_steps`` in SGD steps, not in batches; silenced during its fits only.
@@ -267,7 +319,7 @@ class TwoLayerLinear(pl.LightningModule):
                 f"TwoLayerLinear: the fused path shards its replicas with DDP; got strategy {type(strategy).__name__}: "
                 "use strategy ddp (or sam_ddp), or backend='autograd'."
             )
-        K = self.hparams.replicas
+        K = self.replicas
         if K is None or K < world:
             raise ValueError(
                 f"TwoLayerLinear: the fused path shards its replicas over the ranks, one block each; replicas={K!r} "
@@ -288,6 +340,7 @@ class TwoLayerLinear(pl.LightningModule):
                                    if not (f[0] == "ignore" and getattr(f[1], "pattern", None) in ours)]
 
     def on_fit_start(self) -> None:
+        self._check_grid_used()
         dm = getattr(self.trainer, "datamodule", None)
         teacher = getattr(dm, "teacher", None)
         if teacher is not None:
@@ -299,6 +352,18 @@ class TwoLayerLinear(pl.LightningModule):
             self.teacher = teacher.to(self.device, self.W.dtype)
         if self.fused:
             self._engine = engine.FusedEngine(self)
+
+    def _check_grid_used(self) -> None:
+        """Refuses a grid axis of a plug-in (σ, ρ) that no plug-in of the fit takes: its replicas would not differ."""
+        if self.grid is None:
+            return
+        settings = self.replica_settings() or []
+        for name, owner in (("sigma", "LabelNoise(sigma='grid')"), ("rho", "the SAM strategy with rho='grid'")):
+            if name in self.grid and [row.get(name) for row in settings] != self.grid[name]:
+                raise ValueError(
+                    f"TwoLayerLinear: `grid` has a `{name}` axis, but no plug-in of this fit takes it; attach {owner},"
+                    f" or remove the axis."
+                )
 
     def on_train_start(self) -> None:
         if self.global_step == 0:
@@ -323,7 +388,9 @@ class TwoLayerLinear(pl.LightningModule):
     # -- resume ---------------------------------------------------------------------------------
     #: Arguments a resume may not change: they define the network, its initialisation and its random streams,
     #: which the checkpoint holds.
-    FIXED_ON_RESUME = ("dim", "width", "init", "init_scale", "seed", "replicas", "replica_seeds", "steps_per_batch")
+    FIXED_ON_RESUME = (
+        "dim", "width", "init", "init_scale", "seed", "replicas", "replica_seeds", "steps_per_batch", "grid"
+    )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume: the constructor's ``lr`` wins over the checkpoint's, with a warning; a changed shape is an error.
@@ -343,7 +410,7 @@ class TwoLayerLinear(pl.LightningModule):
                 )
         state = checkpoint.get("state_dict", {})
         # Replicas and steps_per_batch are equal by now: the backend alone decides whether the path changes.
-        saved_fused = _fused(saved.get("backend"), self.hparams.replicas, self.steps_per_batch)
+        saved_fused = _fused(saved.get("backend"), self.replicas, self.steps_per_batch)
         if "backend" in saved and saved_fused != self.fused:
             raise ValueError(
                 f"TwoLayerLinear: resuming with backend={self.hparams.backend!r} (the {'fused' if self.fused else 'generic'}"

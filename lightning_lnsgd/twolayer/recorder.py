@@ -38,7 +38,7 @@ class Recorder:
 
     Per-replica values go, for a TensorBoard logger, into each replica's own run (:class:`ReplicaRuns`) under the
     plain tag, and for any other logger into the run itself as ``<tag>/r{k}``; the mean over replicas is the plain
-    tag of the run itself.
+    tag of the run itself. Past ``log_replicas`` replicas only the means are logged (see :attr:`logs_replicas`).
     """
 
     def __init__(self, model: TwoLayerLinear) -> None:
@@ -51,6 +51,13 @@ class Recorder:
         """SGD steps between two checks of the lazy ball."""
         every = self.model.trainer.log_every_n_steps
         return min(ESCAPE_RESOLUTION, every) if every > 0 else ESCAPE_RESOLUTION
+
+    @property
+    def logs_replicas(self) -> bool:
+        """Whether per-replica values go to the loggers: a stacked model with at most ``log_replicas`` replicas. Past
+        that only the means are logged, and each replica's results are in ``replicas.csv``."""
+        K = self.model.replicas
+        return K is not None and K <= self.model.hparams.log_replicas
 
     @property
     def escape_open(self) -> bool:
@@ -140,7 +147,7 @@ class Recorder:
             self.raise_divergence(steps[int(torch.nonzero(~finite)[0])])
         # Means and per-replica rows of all steps at once, as Python floats: no tensor op per step and tag.
         means_all = {tag: (v.reshape(len(steps), -1).mean(1) if v.ndim > 1 else v).tolist() for tag, v in host.items()}
-        per_replica = {tag: v.tolist() for tag, v in host.items() if v.ndim > 1 and v.shape[1] <= self.model.hparams.log_replicas}
+        per_replica = {tag: v.tolist() for tag, v in host.items() if v.ndim > 1} if self.logs_replicas else {}
         means: dict[str, float] = {}
         for i, step in enumerate(steps):
             means = {tag: m[i] for tag, m in means_all.items()}
@@ -156,7 +163,7 @@ class Recorder:
     ) -> None:
         """Writes ``values`` to every logger at SGD step ``step``, and replica k's ``{tag: value}`` of ``replicas``
         into its own run of a TensorBoard logger, as ``<tag>/r{k}`` (each after its plain tag) to any other logger."""
-        replicas = replicas or {}
+        replicas = replicas if replicas and self.logs_replicas else {}
         runs = self.replica_runs
         flat: dict[str, float] | None = None
         for logger in self.model.loggers:

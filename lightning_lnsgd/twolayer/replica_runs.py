@@ -49,6 +49,9 @@ class ReplicaRuns(Callback):
     """The replicas' own TensorBoard runs: ``<log_dir>/<name>`` of every TensorBoard logger of the fit (names from
     :func:`run_names`), written with ``torch.utils.tensorboard.SummaryWriter`` on global rank 0.
 
+    Only for a stacked model with at most ``log_replicas`` replicas: past that the per-replica results go to
+    ``replicas.csv`` alone (:class:`~lightning_lnsgd.twolayer.replica_table.ReplicaTable`).
+
     The model returns it from ``configure_callbacks``: the runs open at the start of training (with one HPARAMS row
     each when an :class:`~lightning_lnsgd.HParamsSummary` is attached), and close at the end of fit (after the
     rows' session-end records) or when the fit ends with an exception (a divergence, an interruption), so that
@@ -78,7 +81,7 @@ class ReplicaRuns(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.close()
-        if not trainer.is_global_zero or self.model.replica_seeds is None:
+        if not trainer.is_global_zero or not self.model.recorder.logs_replicas:
             return
         from torch.utils.tensorboard import SummaryWriter
 
