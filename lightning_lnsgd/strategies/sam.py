@@ -9,7 +9,7 @@ One SAM step (Foret et al. 2021; adaptive variant: Kwon et al. 2021, "ASAM")::
     user's optimizer steps with g'     (SGD, Adam, ...; LR schedulers untouched)
 
 With ``every_n_steps=n`` the SAM step runs on the optimizer steps whose index (``trainer.global_step``, counted from
-0) is a multiple of ``n``; the others are plain steps of the user's optimizer with ``g``, at about half the cost.
+0) is a multiple of ``n``; the others are plain steps of the user's optimizer with ``g`` (one pass instead of two).
 
 The algorithm lives once, in :class:`SAMMixin`. A Trainer accepts only strategies that subclass its own package's
 ``Strategy``, so :func:`_make_flavours` builds, for every installed Lightning package, a single-device flavour
