@@ -113,6 +113,10 @@ def test_state_dict_round_trip_keeps_theta0():
     lin.eval(), other.eval()
     torch.testing.assert_close(other(x), lin(x), rtol=0, atol=0)
     torch.testing.assert_close(other.parameters0()["3.weight"], lin.parameters0()["3.weight"], rtol=0, atol=0)
+    clone = copy.deepcopy(lin)  # a copy computes with its own parameters, not the original's
+    with torch.no_grad():
+        clone.get_parameter("3.bias").add_(1.0)
+    torch.testing.assert_close(clone(x), lin(x) + 1.0, rtol=0, atol=1e-5)
 
 
 def test_argument_checks():

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ...callbacks import LabelNoise, Laziness
+from ...callbacks._common import log_scalars
 from ...compat import Callback, TensorBoardLogger, Trainer
 from ...strategies.sam import SAMStrategy
 from ..vision import ImageClassifier, squared_error
@@ -49,7 +50,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 class TestOutputs(Callback):
     """Keeps, at step 0 and every ``every`` SGD steps, the clean training loss, the test loss and the test outputs
-    (in eval mode)."""
+    (in eval mode), and logs the two losses as ``fig5/train_loss_clean`` and ``fig5/test_loss``."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, every: int) -> None:
         self.x, self.y, self.x_test, self.y_test, self.every = x, y, x_test, y_test, every
@@ -70,6 +71,8 @@ class TestOutputs(Callback):
         self.train_loss.append(float(squared_error(f, self.y)))
         self.test_loss.append(float(squared_error(f_test, self.y_test)))
         self.outputs.append(f_test.detach().cpu())
+        log_scalars(trainer, {"fig5/train_loss_clean": self.train_loss[-1], "fig5/test_loss": self.test_loss[-1]},
+                    trainer.global_step)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._record(trainer, pl_module)
@@ -90,13 +93,15 @@ def run_fig5(params: Mapping[str, Any], seed: int, run_dir: str) -> dict[str, fl
     if "flip_prob" in params:
         callbacks.append(LabelNoise(kind="flip", flip_prob=params["flip_prob"], num_classes=10, seed=seed))
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=params["steps"], limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu", devices=1, max_steps=params["steps"], check_val_every_n_epoch=params["record_every"],
+        num_sanity_val_steps=0,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=params["record_every"],
         logger=TensorBoardLogger(run_dir, name="", version=""), callbacks=callbacks,
         strategy=SAMStrategy(rho=params["rho"]) if "rho" in params else "auto",
     )
+    # One epoch is one full-batch step; validation (val/loss, val/acc) runs on the test images every record_every.
     loader = DataLoader(TensorDataset(data.x, data.y), batch_size=len(data.y))
-    trainer.fit(model, loader)
+    trainer.fit(model, loader, DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=len(data.y_test)))
     torch.save({"steps": record.steps, "outputs": torch.stack(record.outputs), "train_loss": record.train_loss,
                 "test_loss": record.test_loss}, Path(run_dir) / "outputs.pt")
     acc = float((record.outputs[-1].argmax(-1) == data.y_test).float().mean())

@@ -16,6 +16,10 @@ On a probe batch ``x`` (k examples, c outputs each), with θ₀ the parameters a
   J is built per example with ``vmap(jacrev)``: k·c backward passes of a single example and k·c·P floats of memory
   (8 examples × 10 classes × 11.2 M parameters of ResNet-18 = 3.6 GB in float32), plus ``(k·c)²·P`` FLOPs for J Jᵀ.
 
+:func:`relative_kernel_change` ‖K_t − K₀‖_F / ‖K₀‖_F is the kernel's change in the form lazy-training theory bounds
+(it also sees a change of scale); :func:`first_order_terms` is the one ``jvp`` behind both the gap and
+:class:`~lightning_lnsgd.Linearized`.
+
 Both are exactly zero for a model that is linear in its parameters (the lazy / NTK limit) and grow as the network
 learns features. The network is evaluated in eval mode (batch norm uses running statistics, dropout is off) and left
 in the mode it was in; the buffers (running statistics) go through ``functional_call`` as well.

@@ -6,6 +6,7 @@ import torch
 
 from lightning_lnsgd.examples.cifar_files import write_cifar10_archive
 from lightning_lnsgd.examples.studies import fig5
+from lightning_lnsgd.report import load_scalars
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,6 +32,9 @@ def test_digits_settings_against_the_linearised_run(tmp_path):
     expected = ((gd["outputs"][-1] - lin["outputs"][-1]).norm() / (lin["outputs"][-1] - lin["outputs"][0]).norm()).item()
     assert _metric(rows, "gd", "dist_to_lin") == pytest.approx(expected)
     assert 0 < expected < 1
+    logged = load_scalars(tmp_path / "runs" / "gd" / "seed_0")  # TensorBoard: the losses and the laziness metrics
+    assert [v for _, v in logged["fig5/test_loss"]] == pytest.approx(gd["test_loss"])
+    assert {"laziness/linearization_gap", "laziness/kernel_distance", "train/loss"} <= set(logged)
     assert (tmp_path / "summary.md").exists() and (tmp_path / "figure.png").stat().st_size > 0
 
 
