@@ -15,7 +15,8 @@ a Trainer in Python or call the CLI, e.g. ``lightning_lnsgd.cli.main([..., f"--s
 * :func:`write_tables` writes that summary as ``<stem>.csv`` (one row per setting and metric) and ``<stem>.md``
   (one row per setting, one column per metric; then the paired differences).
 * :func:`study_parser` is the argparse preamble every study shares (``--out``, ``--jobs``, ``--seeds``,
-  ``--threads``, ``--figure``); :func:`save_figure` saves a matplotlib figure as a small PNG (dpi ≤ 100) and closes it.
+  ``--threads``, ``--figure``); :func:`save_figure` saves a matplotlib figure as a small PNG (dpi ≤ 100) and
+  closes it.
 
 Example (``my_study.py``)::
 
@@ -137,7 +138,9 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
     return mean, t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
 
 
-def summarize(results: Iterable[RunResult], baseline: Optional[str] = None, level: float = 0.95) -> list[dict[str, Any]]:
+def summarize(
+    results: Iterable[RunResult], baseline: Optional[str] = None, level: float = 0.95
+) -> list[dict[str, Any]]:
     """One row per (setting, metric), settings and metrics in first-seen order: ``setting``, ``metric``, ``n``,
     ``mean``, ``ci`` (half-width of the ``level`` t-interval); with ``baseline`` (a setting name) also
     ``diff``/``diff_ci``/``n_pairs``: mean and half-width of (setting − baseline) over the seeds both ran, and

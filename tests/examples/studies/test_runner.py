@@ -80,7 +80,7 @@ def test_run_study_runs_each_pair_once_and_resumes(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed_*/trace.txt")}
     again = run_study(affine, SETTINGS, [0, 1, 2], tmp_path, log=None)
     assert [r.metrics for r in again if r.seed < 2] == [r.metrics for r in results]
-    rerun = {p for p in stamps if p.exists() and p.stat().st_mtime_ns != stamps[p]} | {p for p in stamps if not p.exists()}
+    rerun = {p for p in stamps if not p.exists() or p.stat().st_mtime_ns != stamps[p]}
     assert rerun == {tmp_path / "runs/base/seed_1/trace.txt"}  # only the unfinished one ran again...
     assert not (tmp_path / "runs/base/seed_1/stale").exists()  # ...from a clean directory
     assert sorted((r.setting, r.seed) for r in again) == [(s, k) for s in ("base", "other") for k in range(3)]
@@ -117,7 +117,8 @@ def test_a_failing_run_stops_the_workers_and_keeps_finished_runs(tmp_path):
 def test_sigterm_to_the_study_ends_its_workers(tmp_path):
     # Seed 0 signals the study's process as `kill` would, while seed 1 sleeps in the other worker.
     with pytest.raises(KeyboardInterrupt):
-        run_study(terminates_parent, [Setting("s", {"pids": str(tmp_path)})], [0, 1], tmp_path / "out", jobs=2, log=None)
+        setting = Setting("s", {"pids": str(tmp_path)})
+        run_study(terminates_parent, [setting], [0, 1], tmp_path / "out", jobs=2, log=None)
     assert multiprocessing.active_children() == []
     workers = [int(p.name) for p in tmp_path.glob("[0-9]*")]
     assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
@@ -155,7 +156,11 @@ def test_summarize_pairs_by_seed_against_the_baseline():
 
 
 def test_write_tables_round_trips_the_csv_and_formats_the_markdown(tmp_path):
-    results = [RunResult(s, k, {"acc": a + k / 100, "loss": 1.0}, 1.0) for s, a in (("base", 0.9), ("noise", 0.95)) for k in range(3)]
+    results = [
+        RunResult(name, k, {"acc": a + k / 100, "loss": 1.0}, 1.0)
+        for name, a in (("base", 0.9), ("noise", 0.95))
+        for k in range(3)
+    ]
     rows = summarize(results, baseline="base")
     csv_path, md_path = write_tables(rows, tmp_path / "t" / "summary", digits=3, columns={"acc": "test accuracy"})
     with open(csv_path) as f:
