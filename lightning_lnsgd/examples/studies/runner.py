@@ -8,7 +8,8 @@ a Trainer in Python or call the CLI, e.g. ``lightning_lnsgd.cli.main([..., f"--s
 
 * :func:`run_study` runs every pair whose ``result.json`` is not there yet (so an interrupted study resumes where it
   stopped; a run cut short is started again from scratch), in-process for ``jobs=1`` or over ``jobs`` worker
-  processes, which are terminated when a run fails, on Ctrl-C and on SIGTERM. Layout:
+  processes, which are terminated when a run fails, on Ctrl-C and on SIGTERM (and, on Linux, when the study's
+  process is killed outright). Layout:
   ``<out>/runs/<setting>/seed_<seed>/result.json`` (``{"setting", "seed", "params", "metrics", "wall_s"}``).
 * :func:`summarize` aggregates the results per setting and metric: mean and the half-width of the 95 % Student-t
   interval over seeds, and, against a ``baseline`` setting, the same for the paired (same-seed) differences.
@@ -258,6 +259,11 @@ def _init_worker(threads: Optional[int]) -> None:
     # The parent handles Ctrl-C and terminates the pool. A spawned worker's torch reads the thread count from the
     # environment when first imported; a forked one has torch already.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        # A parent killed outright (SIGKILL, OOM killer) cannot terminate the pool: have the kernel send SIGTERM.
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
         if "torch" in sys.modules:

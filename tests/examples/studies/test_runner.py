@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,12 @@ def fails_on_seed_1(params, seed, run_dir):
     return {"acc": float(seed)}
 
 
+def sleeps(params, seed, run_dir):
+    Path(params["pids"], f"{os.getpid()}").write_text("")
+    time.sleep(60)
+    return {"acc": 0.0}
+
+
 def terminates_parent(params, seed, run_dir):
     Path(params["pids"], f"{os.getpid()}").write_text("")
     while len(list(Path(params["pids"]).glob("[0-9]*"))) < 2:
@@ -49,6 +57,7 @@ def terminates_parent(params, seed, run_dir):
 
 
 SETTINGS = [Setting("base", {"a": 1.0}), Setting("other", {"a": 2.0})]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("df", [1, 2, 4, 9, 30])
@@ -123,6 +132,27 @@ def test_sigterm_to_the_study_ends_its_workers(tmp_path):
     workers = [int(p.name) for p in tmp_path.glob("[0-9]*")]
     assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_end_when_the_study_is_killed_outright(tmp_path):
+    code = (
+        "from tests.examples.studies.test_runner import sleeps\n"
+        "from lightning_lnsgd.examples.studies import Setting, run_study\n"
+        f"run_study(sleeps, [Setting('s', {{'pids': {str(tmp_path)!r}}})], [0, 1], {str(tmp_path / 'out')!r}, jobs=2)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("[0-9]*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [int(p.name) for p in tmp_path.glob("[0-9]*")]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
 
 
 def _alive(pid):
