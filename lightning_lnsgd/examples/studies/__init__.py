@@ -5,6 +5,26 @@ t-intervals, CSV/markdown tables, figure saving); each study is a module run as
 ``python -m lightning_lnsgd.examples.studies.<name>``.
 """
 
-from .runner import RunResult, Setting, mean_ci, run_study, save_figure, study_parser, summarize, t_quantile, write_tables
+from .runner import (
+    RunResult,
+    Setting,
+    mean_ci,
+    run_study,
+    save_figure,
+    study_parser,
+    summarize,
+    t_quantile,
+    write_tables,
+)
 
-__all__ = ["RunResult", "Setting", "mean_ci", "run_study", "save_figure", "study_parser", "summarize", "t_quantile", "write_tables"]
+__all__ = [
+    "RunResult",
+    "Setting",
+    "mean_ci",
+    "run_study",
+    "save_figure",
+    "study_parser",
+    "summarize",
+    "t_quantile",
+    "write_tables",
+]

@@ -16,9 +16,10 @@ Data and network (``--dataset``):
 
 Per run it records, in percent for accuracies: the test accuracy and loss after the last epoch (``test_acc``,
 ``test_loss``), the best test accuracy over the epochs (``best_test_acc``), the accuracy on the clean training labels
-(``train_acc``), the test accuracy after global magnitude pruning to each kept fraction (``prune_acc@α``, from
-:class:`~lightning_lnsgd.PruningCurve`) and the kernel distance and linearisation gap between the initial and the
-final network (:class:`~lightning_lnsgd.Laziness`, on the first 64 / ``--kernel-probe`` test images). It writes
+(``train_acc``; for CIFAR-10 on the training loader's augmented crops and flips), the test accuracy after global
+magnitude pruning to each kept fraction (``prune_acc@α``, from :class:`~lightning_lnsgd.PruningCurve`) and the
+kernel distance and linearisation gap between the initial and the final network (:class:`~lightning_lnsgd.Laziness`,
+on the first 64 / ``--kernel-probe`` test images). It writes
 ``<out>/summary.csv`` and ``<out>/summary.md`` (mean ± 95 % t-interval over seeds, and paired differences against
 plain SGD) and the figure (``--figure``, default ``<out>/figure.png``). Finished runs are skipped, so an interrupted
 study resumes; each run's TensorBoard logs are under ``<out>/runs/<setting>/seed_<k>/``.
@@ -184,13 +185,15 @@ def figure(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
         c = [cell[(s, f"prune_acc@{a:g}")]["ci"] for a in alphas]
         c = [0.0 if math.isnan(v) else v for v in c]
         ax.plot([100 * a for a in alphas], m, "o-", label=s, markersize=3)
-        ax.fill_between([100 * a for a in alphas], [u - v for u, v in zip(m, c)], [u + v for u, v in zip(m, c)], alpha=0.2)
+        lower, upper = [u - v for u, v in zip(m, c)], [u + v for u, v in zip(m, c)]
+        ax.fill_between([100 * a for a in alphas], lower, upper, alpha=0.2)
     ax.set_xscale("log")
     ax.set_xlabel("weights kept (%)")
     ax.set_ylabel("test accuracy after pruning (%)")
     ax.legend(fontsize=7)
     ax = axes[1, 1]
-    for metric, label, shift in (("kernel_distance", "kernel distance", -0.1), ("linearization_gap", "linearisation gap", 0.1)):
+    laziness = (("kernel_distance", "kernel distance", -0.1), ("linearization_gap", "linearisation gap", 0.1))
+    for metric, label, shift in laziness:
         if (names[0], metric) in cell:
             m, c = get(metric)
             ax.errorbar([i + shift for i in x], m, yerr=c, fmt="o", capsize=3, label=label)
@@ -212,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch-size", type=int, default=None, help="default: digits 64, cifar10 128")
     parser.add_argument("--hidden", type=int, nargs="+", default=[512], help="MLP hidden widths (digits)")
     parser.add_argument("--width", type=float, default=1.0, help="ResNet-18 channel multiplier (cifar10)")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 location (cifar10; default $LNSGD_DATA_DIR or ./data)")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 folder (cifar10; default $LNSGD_DATA_DIR, ./data)")
     parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers (cifar10)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (default auto)")
     parser.add_argument("--kernel-probe", type=int, default=8, help="test images for the kernel distance (default 8)")

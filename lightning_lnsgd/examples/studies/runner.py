@@ -8,14 +8,16 @@ a Trainer in Python or call the CLI, e.g. ``lightning_lnsgd.cli.main([..., f"--s
 
 * :func:`run_study` runs every pair whose ``result.json`` is not there yet (so an interrupted study resumes where it
   stopped; a run cut short is started again from scratch), in-process for ``jobs=1`` or over ``jobs`` worker
-  processes, which are terminated when a run fails, on Ctrl-C and on SIGTERM. Layout:
+  processes, which are terminated when a run fails, on Ctrl-C and on SIGTERM (and, on Linux, when the study's
+  process is killed outright). Layout:
   ``<out>/runs/<setting>/seed_<seed>/result.json`` (``{"setting", "seed", "params", "metrics", "wall_s"}``).
 * :func:`summarize` aggregates the results per setting and metric: mean and the half-width of the 95 % Student-t
   interval over seeds, and, against a ``baseline`` setting, the same for the paired (same-seed) differences.
 * :func:`write_tables` writes that summary as ``<stem>.csv`` (one row per setting and metric) and ``<stem>.md``
   (one row per setting, one column per metric; then the paired differences).
 * :func:`study_parser` is the argparse preamble every study shares (``--out``, ``--jobs``, ``--seeds``,
-  ``--threads``, ``--figure``); :func:`save_figure` saves a matplotlib figure as a small PNG (dpi ≤ 100) and closes it.
+  ``--threads``, ``--figure``); :func:`save_figure` saves a matplotlib figure as a small PNG (dpi ≤ 100) and
+  closes it.
 
 Example (``my_study.py``)::
 
@@ -137,7 +139,9 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
     return mean, t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
 
 
-def summarize(results: Iterable[RunResult], baseline: Optional[str] = None, level: float = 0.95) -> list[dict[str, Any]]:
+def summarize(
+    results: Iterable[RunResult], baseline: Optional[str] = None, level: float = 0.95
+) -> list[dict[str, Any]]:
     """One row per (setting, metric), settings and metrics in first-seen order: ``setting``, ``metric``, ``n``,
     ``mean``, ``ci`` (half-width of the ``level`` t-interval); with ``baseline`` (a setting name) also
     ``diff``/``diff_ci``/``n_pairs``: mean and half-width of (setting − baseline) over the seeds both ran, and
@@ -255,6 +259,11 @@ def _init_worker(threads: Optional[int]) -> None:
     # The parent handles Ctrl-C and terminates the pool. A spawned worker's torch reads the thread count from the
     # environment when first imported; a forked one has torch already.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        # A parent killed outright (SIGKILL, OOM killer) cannot terminate the pool: have the kernel send SIGTERM.
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
         if "torch" in sys.modules:

@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,12 @@ def fails_on_seed_1(params, seed, run_dir):
     return {"acc": float(seed)}
 
 
+def sleeps(params, seed, run_dir):
+    Path(params["pids"], f"{os.getpid()}").write_text("")
+    time.sleep(60)
+    return {"acc": 0.0}
+
+
 def terminates_parent(params, seed, run_dir):
     Path(params["pids"], f"{os.getpid()}").write_text("")
     while len(list(Path(params["pids"]).glob("[0-9]*"))) < 2:
@@ -49,6 +57,7 @@ def terminates_parent(params, seed, run_dir):
 
 
 SETTINGS = [Setting("base", {"a": 1.0}), Setting("other", {"a": 2.0})]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("df", [1, 2, 4, 9, 30])
@@ -80,7 +89,7 @@ def test_run_study_runs_each_pair_once_and_resumes(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed_*/trace.txt")}
     again = run_study(affine, SETTINGS, [0, 1, 2], tmp_path, log=None)
     assert [r.metrics for r in again if r.seed < 2] == [r.metrics for r in results]
-    rerun = {p for p in stamps if p.exists() and p.stat().st_mtime_ns != stamps[p]} | {p for p in stamps if not p.exists()}
+    rerun = {p for p in stamps if not p.exists() or p.stat().st_mtime_ns != stamps[p]}
     assert rerun == {tmp_path / "runs/base/seed_1/trace.txt"}  # only the unfinished one ran again...
     assert not (tmp_path / "runs/base/seed_1/stale").exists()  # ...from a clean directory
     assert sorted((r.setting, r.seed) for r in again) == [(s, k) for s in ("base", "other") for k in range(3)]
@@ -117,11 +126,33 @@ def test_a_failing_run_stops_the_workers_and_keeps_finished_runs(tmp_path):
 def test_sigterm_to_the_study_ends_its_workers(tmp_path):
     # Seed 0 signals the study's process as `kill` would, while seed 1 sleeps in the other worker.
     with pytest.raises(KeyboardInterrupt):
-        run_study(terminates_parent, [Setting("s", {"pids": str(tmp_path)})], [0, 1], tmp_path / "out", jobs=2, log=None)
+        setting = Setting("s", {"pids": str(tmp_path)})
+        run_study(terminates_parent, [setting], [0, 1], tmp_path / "out", jobs=2, log=None)
     assert multiprocessing.active_children() == []
     workers = [int(p.name) for p in tmp_path.glob("[0-9]*")]
     assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_end_when_the_study_is_killed_outright(tmp_path):
+    code = (
+        "from tests.examples.studies.test_runner import sleeps\n"
+        "from lightning_lnsgd.examples.studies import Setting, run_study\n"
+        f"run_study(sleeps, [Setting('s', {{'pids': {str(tmp_path)!r}}})], [0, 1], {str(tmp_path / 'out')!r}, jobs=2)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("[0-9]*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [int(p.name) for p in tmp_path.glob("[0-9]*")]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
 
 
 def _alive(pid):
@@ -155,7 +186,11 @@ def test_summarize_pairs_by_seed_against_the_baseline():
 
 
 def test_write_tables_round_trips_the_csv_and_formats_the_markdown(tmp_path):
-    results = [RunResult(s, k, {"acc": a + k / 100, "loss": 1.0}, 1.0) for s, a in (("base", 0.9), ("noise", 0.95)) for k in range(3)]
+    results = [
+        RunResult(name, k, {"acc": a + k / 100, "loss": 1.0}, 1.0)
+        for name, a in (("base", 0.9), ("noise", 0.95))
+        for k in range(3)
+    ]
     rows = summarize(results, baseline="base")
     csv_path, md_path = write_tables(rows, tmp_path / "t" / "summary", digits=3, columns={"acc": "test accuracy"})
     with open(csv_path) as f:
