@@ -176,28 +176,28 @@ def output_space(pl_module: Any) -> tuple[int, str] | None:
     * A Hugging Face model among its submodules (duck-typed: ``config`` and ``get_output_embeddings``; the
       outermost one): ``config.num_labels`` for a ``*Classification`` head (``*ForTokenClassification``,
       ``*ForSequenceClassification``, ...); the rows of its output embeddings for a language-model head
-      (``*LMHeadModel``, ``*ForCausalLM``, ``*ForMaskedLM``, ...); nothing for a model without a head.
+      (``*LMHeadModel``, ``*ForCausalLM``, ``*ForMaskedLM``, ...).
     * Otherwise the last submodule with parameters of its own, when it is a layer with an output size
-      (``out_features`` of a linear layer, ``out_channels`` of a convolution, e.g. a segmentation head) of at least 2.
+      (``out_features`` of a linear layer, ``out_channels`` of a convolution, e.g. a segmentation head) of at least 2
+      and not inside a Hugging Face model without a head (whose last layer gives hidden states, not classes).
     """
+    if not hasattr(pl_module, "named_modules"):
+        return None
     name = type(pl_module).__name__
-    for path, module in pl_module.named_modules() if hasattr(pl_module, "named_modules") else ():
-        if _is_hugging_face(module):
-            where = f"{name}.{path}" if path else name
-            cls = type(module).__name__
-            if cls.endswith("Classification"):
-                value = getattr(module.config, "num_labels", None)
-                return (int(value), f"{where}.config.num_labels ({cls})") if is_int(value) else None
-            head = module.get_output_embeddings()
-            weight = getattr(head, "weight", None)
+    headless: list[str] = []  # paths of Hugging Face models without a head
+    last = None
+    for path, module in pl_module.named_modules():
+        if _is_hugging_face(module) and not any(_inside(path, h) for h in headless):
+            where, cls = f"{name}.{path}" if path else name, type(module).__name__
+            if cls.endswith("Classification") and is_int(getattr(module.config, "num_labels", None)):
+                return int(module.config.num_labels), f"{where}.config.num_labels ({cls})"
+            weight = getattr(module.get_output_embeddings(), "weight", None)
             if isinstance(weight, torch.Tensor):
                 return int(weight.shape[0]), f"the output embeddings of {where} ({cls}: its vocabulary)"
-            return None
-    last = None
-    for path, module in pl_module.named_modules() if hasattr(pl_module, "named_modules") else ():
+            headless.append(path)
         if next(module.parameters(recurse=False), None) is not None:
             last = path, module
-    if last is None:
+    if last is None or any(_inside(last[0], h) for h in headless):
         return None
     path, module = last
     for attribute in ("out_features", "out_channels"):
@@ -205,6 +205,10 @@ def output_space(pl_module: Any) -> tuple[int, str] | None:
         if is_int(value) and value >= 2:
             return int(value), f"{name}.{path}.{attribute} (the last layer, {type(module).__name__})"
     return None
+
+
+def _inside(path: str, parent: str) -> bool:
+    return parent == "" or path == parent or path.startswith(parent + ".")
 
 
 def _is_hugging_face(module: Any) -> bool:
@@ -234,8 +238,11 @@ def find_num_classes(pl_module: Any, datamodule: Any = None) -> NumClasses:
         ("its hparams" if datamodule is None else f"{type(datamodule).__name__}.hparams",
          getattr(datamodule, "hparams", None)),
     ]
+    looked = ["the model's output layer"] + [
+        f"{name} (a Hugging Face config: read through its model's head)" if any(obj is c for c in hugging_face)
+        else name if obj is not None else f"{name} (none)" for name, obj in places
+    ]
     places = [(name, None if any(obj is c for c in hugging_face) else obj) for name, obj in places]
-    looked = ["the model's output layer"] + [name if obj is not None else f"{name} (none)" for name, obj in places]
     found = [] if (output := output_space(pl_module)) is None else [output]
     found += _named(places, NUM_CLASSES_NAMES)
     for (a, where_a), (b, where_b) in zip(found, found[1:]):

@@ -358,6 +358,29 @@ def test_num_classes_of_a_bert_token_classifier_is_num_labels(lightning, monkeyp
     _check_flipped(module.seen, labels, 5)
 
 
+def test_num_classes_around_a_hugging_face_model_without_a_head():
+    transformers, kw = _bert_config(vocab_size=20)
+    config = transformers.BertConfig(**kw)
+
+    class HeadAfter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert, self.head = transformers.BertModel(config), torch.nn.Linear(16, 7)
+
+    class HeadFirst(torch.nn.Module):  # registration order puts the encoder's pooler last: hidden states, not classes
+        def __init__(self):
+            super().__init__()
+            self.head, self.bert = torch.nn.Linear(16, 7), transformers.BertModel(config)
+
+    assert find_num_classes(HeadAfter()).source == "HeadAfter.head.out_features (the last layer, Linear)"
+    assert find_num_classes(HeadFirst()).value is None
+    wrapped = torch.nn.Module()
+    wrapped.model = transformers.BertModel(config)
+    found = find_num_classes(wrapped)
+    assert found.value is None  # config.num_labels (2) and config.vocab_size (20) of a headless model: no label space
+    assert "Module.model.config (a Hugging Face config: read through its model's head)" in found.looked
+
+
 def test_num_classes_of_gpt2_is_its_vocabulary(lightning, monkeypatch):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
