@@ -65,6 +65,22 @@ def test_one_callback_class_suits_both_packages():
         assert issubclass(cls, pl.Callback) and issubclass(cls, L.Callback), cls
 
 
+@BOTH
+@pytest.mark.parametrize("flavour_of", LIGHTNING_PACKAGES)
+def test_a_strategy_of_the_other_package_reaches_its_own_accelerator_check(flavour_of):
+    """admit_strategy_to_other_packages: the other package's Trainer takes a registered strategy as far as handing
+    it its accelerator (a Lightning internal), where the strategy's own check runs; package_of names the packages."""
+    from lightning_lnsgd.strategies import sam_strategy_class
+
+    other = next(name for name in LIGHTNING_PACKAGES if name != flavour_of)
+    strategy = sam_strategy_class(flavour_of)()
+    assert compat.package_of(strategy) is None  # defined in lightning_lnsgd, a subclass of flavour_of's Strategy
+    assert compat.package_of(compat.package(other).accelerators.CPUAccelerator()) == other
+    with pytest.raises(ValueError, match=rf"^\w*SAMStrategy is a {flavour_of} strategy but the Trainer is {other}'s"):
+        make_trainer(compat.package(other), strategy=strategy)
+    assert type(make_trainer(compat.package(flavour_of), strategy=strategy).strategy) is type(strategy)
+
+
 def test_trainer_of_a_detached_module_is_none(lightning):
     model = lightning.demos.boring_classes.BoringModel()
     assert compat.trainer_of(model) is None

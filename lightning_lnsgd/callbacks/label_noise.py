@@ -35,13 +35,14 @@ from typing import Any, Literal
 import torch
 
 from ..checks import is_int, is_real
-from ..compat import Callback, LightningModule, Trainer
+from ..compat import Callback, LightningModule, Trainer, rank_zero_info
 from ..protocol import StepLayout, replica_column, step_layout
 from . import noise_draw
 from ._common import log_metrics
 from .batch import Swap, locate, path_str, replace, swap_in
 from .label_targets import (
     NUM_CLASSES_NAMES,
+    VOCAB_NAME,
     ClassTargets,
     find_num_classes,
     ignored_entries,
@@ -71,9 +72,13 @@ class LabelNoise(Callback):
         flip_prob: flip probability τ ∈ [0, 1] of ``transition="symmetric"`` or ``"pair"``; ``None``: 0.1. Must
             be ``None`` with a transition matrix (the matrix holds the probabilities).
         num_classes: number of classes C for ``kind="flip"`` (≥ 2). ``None``: the size of a ``transition``
-            matrix, else found at setup under the names ``num_classes``, ``num_labels``, ``vocab_size`` on the
-            LightningModule, its ``hparams``, its ``model`` attribute and that model's ``config``, the module's
-            ``config``, the DataModule and the DataModule's ``hparams`` (first found, in that order).
+            matrix, else found at setup (logged with its source): the model's output space (a Hugging Face model's
+            ``config.num_labels`` for a ``*Classification`` head, its output embeddings' size for a language-model
+            head, else the ``out_features``/``out_channels`` of the last layer with parameters) and the names
+            ``num_classes``, ``num_labels`` on the LightningModule, its ``hparams``, its ``model`` attribute and
+            that model's ``config``, the module's ``config``, the DataModule and its ``hparams``; sources that
+            disagree stop the run. Only when none of them gives a value, ``vocab_size`` at the same places
+            (:func:`~lightning_lnsgd.callbacks.label_targets.find_num_classes`).
         target: where the label is in the batch: an index for sequences, a key for mappings (or a field name for
             dataclass batches); a dotted path such as ``"1.y"`` or ``"0.1"`` reaches into nested batches.
             ``None``: the last element of a sequence of two or more, the key ``"y"``, ``"target"``, ``"label"`` or
@@ -186,7 +191,9 @@ class LabelNoise(Callback):
         )
         #: "symmetric", "pair" or the matrix's sampler (:class:`~lightning_lnsgd.callbacks.noise_draw.TransitionTable`).
         self.transition: str | noise_draw.TransitionTable = table if table is not None else transition  # type: ignore[assignment]
+        #: C of flips: given, the size of a transition matrix, or found at setup (see the ``num_classes`` argument).
         self.num_classes = num_classes
+        self._num_classes_given = num_classes
         self.target = target
         self.seed = int(seed)
         self.ignore_index = ignore_index
@@ -240,13 +247,16 @@ class LabelNoise(Callback):
                 f"LabelNoise: {type(pl_module).__name__}.training_step takes `dataloader_iter`, so its batches never"
                 " pass through on_train_batch_start; label noise needs training_step(batch, batch_idx)."
             )
-        if self.kind == "flip" and self.num_classes is None:
-            self.num_classes, looked = find_num_classes(pl_module, getattr(trainer, "datamodule", None))
-            if self.num_classes is None:
+        if self.kind == "flip" and self._num_classes_given is None:
+            found = find_num_classes(pl_module, getattr(trainer, "datamodule", None))
+            if found.value is None:
                 raise ValueError(
-                    f"LabelNoise: kind='flip' needs `num_classes` (an int >= 2); got None, and none of the names"
-                    f" {', '.join(NUM_CLASSES_NAMES)} holds an int >= 2 on {'; '.join(looked)}. Set `num_classes`."
+                    f"LabelNoise: kind='flip' needs `num_classes` (an int >= 2); got None, the model's output layer"
+                    f" does not give it, and none of the names {', '.join((*NUM_CLASSES_NAMES, VOCAB_NAME))} holds"
+                    f" an int >= 2 on {'; '.join(found.looked[1:])}. Set `num_classes`."
                 )
+            self.num_classes = found.value
+            rank_zero_info(f"LabelNoise: num_classes={found.value}, from {found.source}.")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_sigma(step_layout(pl_module))

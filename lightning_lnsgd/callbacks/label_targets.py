@@ -4,6 +4,7 @@ that flips act on (integer labels, one-hot float rows, 0/1 multi-label entries) 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,10 +13,16 @@ import torch
 from ..checks import is_int
 from .batch import describe, path_str
 
-__all__ = ["NUM_CLASSES_NAMES", "ClassTargets", "InvalidLabels", "find_num_classes", "ignored_entries"]
+__all__ = [
+    "NUM_CLASSES_NAMES", "VOCAB_NAME", "ClassTargets", "InvalidLabels", "NumClasses", "find_num_classes",
+    "ignored_entries", "output_space",
+]
 
-#: The attribute / hyperparameter names read, in order, when ``num_classes`` is None.
-NUM_CLASSES_NAMES = ("num_classes", "num_labels", "vocab_size")
+#: Attribute / hyper-parameter names that hold the number of classes, read when ``num_classes`` is None.
+NUM_CLASSES_NAMES = ("num_classes", "num_labels")
+#: Read at the same places only when neither the model's output space nor :data:`NUM_CLASSES_NAMES` gives a value:
+#: often the size of the input vocabulary (a tagger's), which is not the label space.
+VOCAB_NAME = "vocab_size"
 
 
 def ignored_entries(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor | None:
@@ -153,29 +160,112 @@ class InvalidLabels:
         self.any = self.value = self.message = None
 
 
-def find_num_classes(pl_module: Any, datamodule: Any = None) -> tuple[int | None, list[str]]:
-    """``(C, places looked)``: the first int >= 2 under one of :data:`NUM_CLASSES_NAMES` on the module, its
-    ``hparams``, its ``model`` attribute (a wrapped network, as in Lightning's demo Transformer and LSTM), that
-    model's ``config`` and the module's own ``config`` (Hugging Face style), the datamodule and its ``hparams``."""
+@dataclasses.dataclass(frozen=True)
+class NumClasses:
+    """What :func:`find_num_classes` found: the number of classes C (``None``: nothing found), where it came from,
+    and every place it looked (for the error when nothing was found)."""
+
+    value: int | None
+    source: str
+    looked: list[str]
+
+
+def output_space(pl_module: Any) -> tuple[int, str] | None:
+    """``(C, where)``: the size of the output space of ``pl_module``'s network, where it can be known.
+
+    * A Hugging Face model among its submodules (duck-typed: ``config`` and ``get_output_embeddings``; the
+      outermost one): ``config.num_labels`` for a ``*Classification`` head (``*ForTokenClassification``,
+      ``*ForSequenceClassification``, ...); the rows of its output embeddings for a language-model head
+      (``*LMHeadModel``, ``*ForCausalLM``, ``*ForMaskedLM``, ...).
+    * Otherwise the last submodule with parameters of its own, when it is a layer with an output size
+      (``out_features`` of a linear layer, ``out_channels`` of a convolution, e.g. a segmentation head) of at least 2
+      and not inside a Hugging Face model without a head (whose last layer gives hidden states, not classes).
+    """
+    if not hasattr(pl_module, "named_modules"):
+        return None
+    name = type(pl_module).__name__
+    headless: list[str] = []  # paths of Hugging Face models without a head
+    last = None
+    for path, module in pl_module.named_modules():
+        if _is_hugging_face(module) and not any(_inside(path, h) for h in headless):
+            where, cls = f"{name}.{path}" if path else name, type(module).__name__
+            if cls.endswith("Classification") and is_int(getattr(module.config, "num_labels", None)):
+                return int(module.config.num_labels), f"{where}.config.num_labels ({cls})"
+            weight = getattr(module.get_output_embeddings(), "weight", None)
+            if isinstance(weight, torch.Tensor):
+                return int(weight.shape[0]), f"the output embeddings of {where} ({cls}: its vocabulary)"
+            headless.append(path)
+        if next(module.parameters(recurse=False), None) is not None:
+            last = path, module
+    if last is None or any(_inside(last[0], h) for h in headless):
+        return None
+    path, module = last
+    for attribute in ("out_features", "out_channels"):
+        value = getattr(module, attribute, None)
+        if is_int(value) and value >= 2:
+            return int(value), f"{name}.{path}.{attribute} (the last layer, {type(module).__name__})"
+    return None
+
+
+def _inside(path: str, parent: str) -> bool:
+    return parent == "" or path == parent or path.startswith(parent + ".")
+
+
+def _is_hugging_face(module: Any) -> bool:
+    return hasattr(module, "config") and callable(getattr(module, "get_output_embeddings", None))
+
+
+def find_num_classes(pl_module: Any, datamodule: Any = None) -> NumClasses:
+    """The number of classes of ``pl_module``'s labels, and where it came from.
+
+    Two kinds of source: the model's output space (:func:`output_space`), and the names :data:`NUM_CLASSES_NAMES`
+    on the module, its ``hparams``, its ``model`` attribute (a wrapped network, as in Lightning's demo Transformer
+    and LSTM), that model's ``config`` and the module's own ``config`` (a Hugging Face model's ``config`` is read
+    only through its head, above), the datamodule and its ``hparams``. When they hold different values a
+    ``ValueError`` names two of them. Only when neither kind holds a value is :data:`VOCAB_NAME` read at the same
+    places (the vocabulary of a language model whose output layer says nothing).
+    """
+    module_name = type(pl_module).__name__
     model = getattr(pl_module, "model", None)
+    hugging_face = [m.config for m in pl_module.modules() if _is_hugging_face(m)] if hasattr(pl_module, "modules") else []
     places = [
-        (type(pl_module).__name__, pl_module),
-        (f"{type(pl_module).__name__}.hparams", getattr(pl_module, "hparams", None)),
-        (f"{type(pl_module).__name__}.model", model),
-        (f"{type(pl_module).__name__}.model.config", getattr(model, "config", None)),
-        (f"{type(pl_module).__name__}.config", getattr(pl_module, "config", None)),
+        (module_name, pl_module),
+        (f"{module_name}.hparams", getattr(pl_module, "hparams", None)),
+        (f"{module_name}.model", model),
+        (f"{module_name}.model.config", getattr(model, "config", None)),
+        (f"{module_name}.config", getattr(pl_module, "config", None)),
         ("the datamodule" if datamodule is None else type(datamodule).__name__, datamodule),
         ("its hparams" if datamodule is None else f"{type(datamodule).__name__}.hparams",
          getattr(datamodule, "hparams", None)),
     ]
-    looked = []
-    for name, obj in places:
+    looked = ["the model's output layer"] + [
+        f"{name} (a Hugging Face config: read through its model's head)" if any(obj is c for c in hugging_face)
+        else name if obj is not None else f"{name} (none)" for name, obj in places
+    ]
+    places = [(name, None if any(obj is c for c in hugging_face) else obj) for name, obj in places]
+    found = [] if (output := output_space(pl_module)) is None else [output]
+    found += _named(places, NUM_CLASSES_NAMES)
+    for (a, where_a), (b, where_b) in zip(found, found[1:]):
+        if a != b:
+            raise ValueError(
+                f"LabelNoise: two sources of num_classes disagree: {where_a} is {a} but {where_b} is {b}; set"
+                f" `num_classes=` to the number of classes of the labels (e.g. LabelNoise(kind='flip',"
+                f" num_classes={a}))."
+            )
+    found = found or _named(places, (VOCAB_NAME,))
+    if not found:
+        return NumClasses(None, "", looked)
+    return NumClasses(found[0][0], found[0][1], looked)
+
+
+def _named(places: list[tuple[str, Any]], names: tuple[str, ...]) -> list[tuple[int, str]]:
+    """``(value, "place.name")`` of every int >= 2 held under one of ``names`` at ``places``."""
+    found = []
+    for place, obj in places:
         if obj is None:
-            looked.append(f"{name} (none)")
             continue
-        looked.append(name)
-        for key in NUM_CLASSES_NAMES:
+        for key in names:
             value = obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
             if is_int(value) and value >= 2:
-                return int(value), looked
-    return None, looked
+                found.append((int(value), f"{place}.{key}" if not isinstance(obj, Mapping) else f"{place}[{key!r}]"))
+    return found

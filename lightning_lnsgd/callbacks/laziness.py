@@ -14,9 +14,10 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import nn
 
-from ..compat import Callback, LightningModule, Trainer
+from ..compat import Callback, LightningModule, Trainer, rank_zero_warn
 from ..metrics.functional.laziness import (
     Forward,
+    VmapFailed,
     concat_examples,
     empirical_ntk,
     first_examples,
@@ -67,7 +68,10 @@ class Laziness(Callback):
             mean 0 / variance 1, count as non-laziness too).
         input_index: where the inputs are in a validation batch (index of a tuple/list or key of a dict).
         chunk_size: ``vmap`` chunk for the Jacobian (None: all kernel-probe examples at once; 1: one example at a
-            time without ``vmap``, for models ``vmap`` cannot batch such as ``nn.LSTM`` with a state built per call).
+            time without ``vmap``). Models ``vmap`` cannot batch (data-dependent control flow in the forward, such
+            as Hugging Face BERT's attention-mask code or ``.item()``; an ``nn.LSTM`` whose state is built per call)
+            fall back to one example at a time by themselves, with one warning; ``chunk_size=1`` skips the failed
+            attempt and the warning. The values are the same either way.
         forward: how the model is called on a probe batch, returning the output tensor whose linearisation and NTK
             are measured: a callable ``(module, batch) -> tensor`` (``lambda m, b: m(b[0], b[1])`` for
             ``forward(inputs, target)``) or the name of a method of the module, called as ``module.<name>(batch)``.
@@ -116,6 +120,7 @@ class Laziness(Callback):
         self._params0: Params = {}
         self._buffers0: Params = {}
         self._K0: Optional[torch.Tensor] = None
+        self._chunk = chunk_size  # what the kernel uses: chunk_size, or 1 once vmap failed on this fit's model
         self._last_step = -1
         self.last: dict[str, float] = {}
 
@@ -136,6 +141,7 @@ class Laziness(Callback):
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._chunk = self.chunk_size
         if isinstance(self.forward, str) and not callable(getattr(pl_module, self.forward, None)):
             raise ValueError(
                 f"Laziness: forward={self.forward!r} is not a method of {type(pl_module).__name__}; give the name of "
@@ -203,10 +209,24 @@ class Laziness(Callback):
             # K₀ depends on the buffers too: cache it only when they are fixed
             has_float_buffers = any(b.is_floating_point() for b in buffers.values())
             if self._K0 is None or (self.buffers == "current" and has_float_buffers):
-                self._K0 = empirical_ntk(pl_module, xk, self._params0, buffers0, self.chunk_size, forward=self._call)
-            K = empirical_ntk(pl_module, xk, None, buffers, self.chunk_size, forward=self._call)
+                self._K0 = self._kernel(pl_module, xk, self._params0, buffers0)
+            K = self._kernel(pl_module, xk, None, buffers)
             out["kernel_distance"] = kernel_distance(self._K0, K)
         return out
+
+    def _kernel(self, pl_module: nn.Module, x: Any, params: Optional[Params], buffers: Params) -> torch.Tensor:
+        """The empirical NTK on ``x``, one example at a time from the first time ``vmap`` cannot batch the model."""
+        try:
+            return empirical_ntk(pl_module, x, params, buffers, self._chunk, forward=self._call)
+        except VmapFailed as error:
+            reason = str(error.__cause__ or error).splitlines()[0]
+            rank_zero_warn(
+                f"Laziness: vmap cannot batch the kernel probe through {type(pl_module).__name__}"
+                f" ({reason[:100]}{'...' if len(reason) > 100 else ''}); the kernel is computed one example at a time"
+                " instead (same values). Set Laziness(chunk_size=1) to skip this attempt and warning."
+            )
+            self._chunk = 1
+            return empirical_ntk(pl_module, x, params, buffers, 1, forward=self._call)
 
     def _record(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step

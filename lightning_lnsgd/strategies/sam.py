@@ -252,6 +252,8 @@ class SAMMixin:
 
     @property
     def accelerator(self) -> Any:
+        """The accelerator the Trainer handed over (as for Lightning's strategies); one of another Lightning package
+        is refused in one line naming both packages and the fixes."""
         return super().accelerator  # type: ignore[misc]
 
     @accelerator.setter

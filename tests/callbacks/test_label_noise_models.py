@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lnsgd.callbacks import label_noise
 from lightning_lnsgd.callbacks.label_noise import LabelNoise
 from lightning_lnsgd.callbacks.label_targets import find_num_classes
 from lightning_lnsgd.rng import CounterRNG
@@ -236,25 +237,180 @@ def test_boring_model_bare_tensor_batch_refused_and_data_untouched(lightning):
 def test_num_classes_lookup_names_and_places(lightning):
     transformer = importlib.import_module(f"{lightning.__name__}.demos.transformer")
     lstm = importlib.import_module(f"{lightning.__name__}.demos.lstm")
-    assert find_num_classes(transformer.LightningTransformer(vocab_size=11))[0] == 11  # module.model.vocab_size
-    assert find_num_classes(lstm.LightningLSTM(vocab_size=13))[0] == 13
+    found = find_num_classes(transformer.LightningTransformer(vocab_size=11))
+    assert (found.value, found.source) == (11, "LightningTransformer.model.decoder.out_features (the last layer, Linear)")
+    assert find_num_classes(lstm.LightningLSTM(vocab_size=13)).value == 13
     hf = SimpleNamespace(config=SimpleNamespace(num_labels=7))
-    assert find_num_classes(hf)[0] == 7  # Hugging Face style: module.config.num_labels
-    assert find_num_classes(SimpleNamespace(hparams={"num_labels": 5}))[0] == 5
-    assert find_num_classes(SimpleNamespace(), SimpleNamespace(hparams={"vocab_size": 9}))[0] == 9
-    assert find_num_classes(SimpleNamespace(num_classes=3, vocab_size=50))[0] == 3  # num_classes first
-    value, looked = find_num_classes(SimpleNamespace(num_classes=1))
-    assert value is None and looked[0] == "SimpleNamespace" and "the datamodule (none)" in looked
+    assert find_num_classes(hf).value == 7  # a plain config object: module.config.num_labels
+    assert find_num_classes(SimpleNamespace(hparams={"num_labels": 5})).source == "SimpleNamespace.hparams['num_labels']"
+    assert find_num_classes(SimpleNamespace(), SimpleNamespace(hparams={"vocab_size": 9})).value == 9
+    assert find_num_classes(SimpleNamespace(num_classes=3, vocab_size=50)).value == 3  # vocab_size only as a last resort
+    found = find_num_classes(SimpleNamespace(num_classes=1))
+    assert found.value is None and found.looked[1] == "SimpleNamespace" and "the datamodule (none)" in found.looked
+
+
+class _Tagger(torch.nn.Module):
+    """Token tagger: embeddings of a vocabulary, a linear head over the tags."""
+
+    def __init__(self, vocab_size: int, num_tags: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, 8)
+        self.head = torch.nn.Linear(8, num_tags)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens))
+
+
+def _token_module(lightning, net, loss, **hparams):
+    """A LightningModule around ``net`` that saves ``hparams`` and records the labels ``training_step`` sees."""
+
+    class TokenModule(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.save_hyperparameters(hparams)
+            self.net, self.seen = net, []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["labels"].clone())
+            return loss(self.net, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    return TokenModule()
+
+
+def _token_batches(vocab: int, classes: int, n: int = 8, t: int = 6, pad_from: int = 4):
+    """Dict batches as a Hugging Face collator gives them: input_ids, attention_mask, labels (-100 on padding)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (n, t), generator=g)
+    labels = torch.randint(0, classes, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[: n // 2, pad_from:], labels[: n // 2, pad_from:], ids[: n // 2, pad_from:] = 0, -100, 0
+    rows = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, mask, labels)]
+    return DataLoader(rows, batch_size=4), labels
+
+
+def _fit_flip(lightning, module, data, monkeypatch):
+    """Fits 2 steps with flips at τ = 1; returns the callback and the lines it logged through rank_zero_info."""
+    logged: list[str] = []
+    monkeypatch.setattr(label_noise, "rank_zero_info", logged.append)
+    noise = LabelNoise(kind="flip", flip_prob=1.0, seed=3)  # target: the "labels" key, found by default
+    make_trainer(lightning, max_steps=2, callbacks=[noise]).fit(module, data)
+    return noise, logged
+
+
+def _check_flipped(seen, labels, classes):
+    for step, noisy in enumerate(seen):
+        clean = labels[4 * step : 4 * step + 4]
+        pad = clean == -100
+        assert torch.equal(noisy[pad], clean[pad])
+        assert ((noisy[~pad] >= 0) & (noisy[~pad] < classes) & (noisy[~pad] != clean[~pad])).all()  # τ = 1
+
+
+def _loss_of_logits(net, batch):
+    logits = net(batch["input_ids"])
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+
+def test_num_classes_of_a_tagger_is_its_tag_space_not_its_vocabulary(lightning, monkeypatch):
+    module = _token_module(lightning, _Tagger(30, 7), _loss_of_logits, vocab_size=30, num_tags=7)
+    data, labels = _token_batches(30, 7)
+    noise, logged = _fit_flip(lightning, module, data, monkeypatch)
+    assert noise.num_classes == 7
+    assert logged == ["LabelNoise: num_classes=7, from TokenModule.net.head.out_features (the last layer, Linear)."]
+    _check_flipped(module.seen, labels, 7)
+
+
+def test_num_classes_sources_that_disagree_stop_the_run(lightning):
+    module = _token_module(lightning, _Tagger(30, 7), _loss_of_logits, num_classes=10)
+    data, _ = _token_batches(30, 7)
+    trainer = make_trainer(lightning, max_steps=1, callbacks=[LabelNoise(kind="flip")])
+    with pytest.raises(ValueError, match=r"^LabelNoise: two sources of num_classes disagree: TokenModule.net.head"
+                                         r".out_features \(the last layer, Linear\) is 7 but TokenModule.hparams"
+                                         r"\['num_classes'\] is 10; set `num_classes=` to the number of classes"):
+        trainer.fit(module, data)
+    module = _token_module(lightning, _Tagger(30, 7), _loss_of_logits, num_classes=10)
+    noise = LabelNoise(kind="flip", num_classes=7)  # the fix the message names
+    make_trainer(lightning, max_steps=1, callbacks=[noise]).fit(module, data)
+    assert noise.num_classes == 7
+
+
+def _bert_config(**kw):
+    transformers = pytest.importorskip("transformers")
+    return transformers, dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                              max_position_embeddings=16, **kw)
+
+
+def _hugging_face_loss(net, batch):
+    return net(**batch).loss  # the model's own cross-entropy, -100 ignored
+
+
+def test_num_classes_of_a_bert_token_classifier_is_num_labels(lightning, monkeypatch):
+    transformers, kw = _bert_config(vocab_size=100, num_labels=5)
+    torch.manual_seed(0)
+    bert = transformers.BertForTokenClassification(transformers.BertConfig(**kw))
+    module = _token_module(lightning, bert, _hugging_face_loss, vocab_size=100)  # hparams.vocab_size: not labels
+    data, labels = _token_batches(100, 5)
+    noise, logged = _fit_flip(lightning, module, data, monkeypatch)
+    assert noise.num_classes == 5
+    assert logged == ["LabelNoise: num_classes=5, from TokenModule.net.config.num_labels (BertForTokenClassification)."]
+    _check_flipped(module.seen, labels, 5)
+
+
+def test_num_classes_around_a_hugging_face_model_without_a_head():
+    transformers, kw = _bert_config(vocab_size=20)
+    config = transformers.BertConfig(**kw)
+
+    class HeadAfter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert, self.head = transformers.BertModel(config), torch.nn.Linear(16, 7)
+
+    class HeadFirst(torch.nn.Module):  # registration order puts the encoder's pooler last: hidden states, not classes
+        def __init__(self):
+            super().__init__()
+            self.head, self.bert = torch.nn.Linear(16, 7), transformers.BertModel(config)
+
+    assert find_num_classes(HeadAfter()).source == "HeadAfter.head.out_features (the last layer, Linear)"
+    assert find_num_classes(HeadFirst()).value is None
+    wrapped = torch.nn.Module()
+    wrapped.model = transformers.BertModel(config)
+    found = find_num_classes(wrapped)
+    assert found.value is None  # config.num_labels (2) and config.vocab_size (20) of a headless model: no label space
+    assert "Module.model.config (a Hugging Face config: read through its model's head)" in found.looked
+
+
+def test_num_classes_of_gpt2_is_its_vocabulary(lightning, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)  # config.num_labels: 2, as every HF config
+    gpt2 = transformers.GPT2LMHeadModel(config)
+    module = _token_module(lightning, gpt2, _hugging_face_loss)
+    data, labels = _token_batches(50, 50)
+    noise, logged = _fit_flip(lightning, module, data, monkeypatch)
+    assert config.num_labels == 2 and noise.num_classes == 50
+    assert logged == ["LabelNoise: num_classes=50, from the output embeddings of TokenModule.net (GPT2LMHeadModel:"
+                      " its vocabulary)."]
+    _check_flipped(module.seen, labels, 50)
 
 
 def test_num_classes_missing_error_lists_the_places(lightning):
     boring = importlib.import_module(f"{lightning.__name__}.demos.boring_classes")
+
+    class Normed(boring.BoringModel):  # its last layer with parameters (a LayerNorm) has no output size
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(2)
+
     trainer = make_trainer(lightning, max_steps=1, callbacks=[LabelNoise(kind="flip")])
     data = TensorDataset(torch.zeros(4, 32), torch.zeros(4, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"none of the names num_classes, num_labels, vocab_size holds an int >= 2 on"
-                                         r" BoringModel; BoringModel.hparams; BoringModel.model \(none\);"
+    with pytest.raises(ValueError, match=r"the model's output layer does not give it, and none of the names"
+                                         r" num_classes, num_labels, vocab_size holds an int >= 2 on"
+                                         r" Normed; Normed.hparams; Normed.model \(none\);"
                                          r".*the datamodule \(none\)"):
-        trainer.fit(boring.BoringModel(), DataLoader(data, batch_size=2))
+        trainer.fit(Normed(), DataLoader(data, batch_size=2))
 
 
 # ---------------------------------------------------------------------------------------------- a language model

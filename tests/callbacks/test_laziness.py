@@ -393,3 +393,46 @@ def test_default_forward_is_module_of_batch_inputs(lightning, tmp_path):
 def test_forward_argument_check(forward):
     with pytest.raises(ValueError, match=rf"forward={forward!r} must be a callable \(module, batch\) -> tensor, the name of a method"):
         Laziness(forward=forward)
+
+
+def _bert_logits(m, b):
+    return m.net(input_ids=b[0], attention_mask=b[1]).logits
+
+
+def test_callback_on_bert_falls_back_to_one_example_at_a_time(lightning, tmp_path):
+    """Hugging Face BERT's attention-mask code branches on tensor values, which vmap cannot batch: the kernel falls
+    back to one example at a time with one warning, and the logged values match explicit autograd Jacobians."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+
+    class Bert(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = transformers.BertForSequenceClassification(config)
+
+        def training_step(self, batch, batch_idx):
+            ids, mask, y = batch
+            return self.net(input_ids=ids, attention_mask=mask, labels=y).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(1, 20, (8, 6), generator=g), torch.randint(0, 3, (8,), generator=g)
+    mask = torch.ones(8, 6, dtype=torch.long)
+    mask[::2, 4:] = 0  # padded examples: the mask code takes its data-dependent branch
+    model = Bert()
+    model0 = copy.deepcopy(model)
+    probe = (ids[:4], mask[:4])
+    cb = Laziness(probe=probe, kernel_probe_size=3, every_n_steps=3, forward=_bert_logits)
+    trainer = make_trainer(lightning, max_steps=3, callbacks=[cb], default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"vmap cannot batch the kernel probe through Bert") as record:
+        trainer.fit(model, DataLoader(TensorDataset(ids, mask, y), batch_size=4))
+    ours = [w for w in record if "Laziness:" in str(w.message)]
+    assert len(ours) == 1 and "Set Laziness(chunk_size=1)" in str(ours[0].message)  # one warning for the whole fit
+    gap, kd = _expected_laziness(model0, model, _bert_logits, probe, 3)
+    assert cb.last["laziness/linearization_gap"] > 0.05 and cb.last["laziness/kernel_distance"] > 1e-3
+    assert cb.last["laziness/linearization_gap"] == pytest.approx(float(gap), rel=1e-3)
+    assert cb.last["laziness/kernel_distance"] == pytest.approx(float(kd), rel=1e-3)

@@ -46,9 +46,8 @@ print(json.dumps(out))
 """
 
 
-def _run(first: str, env: dict[str, str] | None = None) -> dict:
+def _run(first: str) -> dict:
     run_env = {k: v for k, v in os.environ.items() if k != compat.ENV_VAR}
-    run_env.update(env or {})
     out = subprocess.run([sys.executable, "-c", first + "\n" + TRY], capture_output=True, text=True, env=run_env,
                          cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -77,7 +76,7 @@ def test_lightning_lnsgd_imported_before_lightning():
     assert out["pytorch_lightning by name"] == ["SAMStrategy", 2]
 
 
-def test_lightning_imported_first_and_the_environment_variable():
+def test_lightning_imported_first():
     out = _run("import lightning")
     assert out["served"] == "lightning.pytorch"
     assert out["lightning"] == ["SAMStrategy", 2]
@@ -85,8 +84,14 @@ def test_lightning_imported_first_and_the_environment_variable():
     _refused(out["pytorch_lightning"], "lightning.pytorch", "pytorch_lightning", "sam", "pytorch_lightning", why)
     _refused(out["pytorch_lightning ddp"], "lightning.pytorch", "pytorch_lightning", "sam_ddp", "pytorch_lightning", why)
     assert out["lightning by name"] == ["SAMStrategy", 2] and out["pytorch_lightning by name"][1] == 2
-    # The environment variable wins over the import order, and the message names it.
-    out = _run("import lightning_lnsgd", {compat.ENV_VAR: "lightning"})
-    assert out["lightning"] == ["SAMStrategy", 2]
-    why = f"{compat.ENV_VAR}=lightning makes lightning_lnsgd serve lightning.pytorch"
-    _refused(out["pytorch_lightning"], "lightning.pytorch", "pytorch_lightning", "sam", "pytorch_lightning", why)
+
+
+def test_the_message_names_the_environment_variable_when_it_chose(monkeypatch):
+    """(test_compat checks that the variable wins over the import order.)"""
+    from lightning_lnsgd.strategies.sam import SAMStrategy, _foreign_trainer_message
+
+    other = next(name for name in compat.INSTALLED if name != compat.PACKAGE)
+    monkeypatch.setenv(compat.ENV_VAR, compat.PACKAGE.split(".")[0])
+    message = _foreign_trainer_message(SAMStrategy, compat.PACKAGE, other)
+    _refused(["ValueError", message], compat.PACKAGE, other, "sam", other.split(".")[0],
+             f"{compat.ENV_VAR}={compat.PACKAGE.split('.')[0]} makes lightning_lnsgd serve {compat.PACKAGE}")

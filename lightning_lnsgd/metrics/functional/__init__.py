@@ -3,6 +3,7 @@
 state and call these."""
 
 from .laziness import (
+    VmapFailed,
     empirical_ntk,
     eval_mode,
     kernel_distance,
@@ -27,6 +28,7 @@ from .weights import (
 )
 
 __all__ = [
+    "VmapFailed",
     "alignment",
     "cosine",
     "effective_rank",

@@ -63,7 +63,26 @@ __all__ = [
     "num_examples",
     "parameters_and_buffers",
     "relative_kernel_change",
+    "VmapFailed",
 ]
+
+
+class VmapFailed(RuntimeError):
+    """``vmap`` could not batch the probe examples through the network (data-dependent control flow such as
+    ``if mask.all():`` or ``.item()`` in its forward, or an ``nn.LSTM`` whose state is built inside the call);
+    ``chunk_size=1`` computes the same kernel one example at a time without ``vmap``. ``__cause__``: vmap's error.
+
+    >>> class Gate(nn.Module):  # branches on the value of its input
+    ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.ones(2))
+    ...     def forward(self, x): return x @ self.w if x.sum() > 0 else -(x @ self.w)
+    >>> try:
+    ...     empirical_ntk(Gate(), torch.ones(3, 2))
+    ... except VmapFailed:
+    ...     print(empirical_ntk(Gate(), torch.ones(3, 2), chunk_size=1))
+    tensor([[2., 2., 2.],
+            [2., 2., 2.],
+            [2., 2., 2.]], dtype=torch.float64)
+    """
 
 Params = dict[str, torch.Tensor]
 
@@ -325,7 +344,9 @@ def empirical_ntk(
     J is computed per example (``vmap`` over examples of ``jacrev`` over parameters; the network runs in eval mode on
     one example at a time, so batch norm must use running statistics). ``chunk_size`` limits how many examples
     ``vmap`` processes at once (memory); ``chunk_size=1`` takes one example at a time in a loop, without ``vmap`` over
-    examples, for networks that ``vmap`` cannot batch (an ``nn.LSTM`` whose initial state is built inside the call).
+    examples, for networks that ``vmap`` cannot batch: data-dependent control flow in the forward (Hugging Face
+    BERT's attention-mask code, ``.item()``) or an ``nn.LSTM`` whose initial state is built inside the call; for those
+    the batched path raises :class:`VmapFailed`.
     Cost: k·c single-example backward passes, k·c·P floats for J. ``x`` and ``forward`` as in
     :func:`linearization_gap`; each example is passed as a probe batch of one example.
 
@@ -361,7 +382,7 @@ def empirical_ntk(
                 rows = rows_of(batched(ps, *examples), k)
             except (RuntimeError, NotImplementedError) as err:
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise RuntimeError(
+                raise VmapFailed(
                     f"empirical_ntk: vmap over the probe examples failed ({first}); chunk_size=1 computes the "
                     "Jacobian one example at a time without vmap."
                 ) from err
