@@ -39,7 +39,7 @@ def _small(config):
 def test_configs_exist():
     names = {Path(p).name for p in CONFIGS}
     assert {"label_noise_sgd.yaml", "label_noise_long.yaml", "fig2_pair.yaml", "sgd_clean.yaml", "sam.yaml", "sam_label_noise.yaml", "periodic_noise.yaml",
-            "oscillation_only.yaml", "sweep_sigma.yaml", "sweep_lr.yaml", "small_init.yaml",
+            "oscillation_only.yaml", "sweep_sigma.yaml", "sweep_lr.yaml", "phase_diagram.yaml", "small_init.yaml",
             "classifier_label_noise.yaml", "digits_label_noise.yaml", "cifar10_resnet18_sgd.yaml",
             "cifar10_resnet18_label_noise.yaml", "cifar10_resnet18_sam.yaml"} <= names
 

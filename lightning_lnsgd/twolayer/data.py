@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,32 @@ from ..compat import pl
 from ..protocol import step_layout
 from ..rng import CounterRNG, replica_stream
 
-__all__ = ["SparseTeacherDataModule"]
+__all__ = ["IndexedInputs", "SparseTeacherDataModule"]
+
+
+@dataclass
+class IndexedInputs:
+    """The inputs of a fused training batch as rows of the training set, ``source[index]``, gathered by the consumer a
+    few steps at a time, so that a batch of ``R`` replicas × ``k`` steps × ``B`` examples holds ``R·k·B`` indices
+    rather than ``R·k·B·d`` inputs.
+
+    A dataclass of tensors, so that Lightning moves it to the device and its precision plugin converts ``source``.
+    """
+
+    #: The training inputs ``(n, d)``.
+    source: torch.Tensor
+    #: Row of ``source`` of each example, int64, ``(R, k, B)`` or ``(k, B)``.
+    index: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the gathered inputs, ``index.shape + (d,)``."""
+        return (*self.index.shape, self.source.shape[-1])
+
+    def gather(self, steps: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The inputs of the SGD steps ``steps`` (a slice of the step axis), in ``dtype`` (default: the source's)."""
+        source = self.source if dtype is None else self.source.to(dtype)
+        return source[self.index[..., steps, :]]
 
 
 
@@ -87,7 +113,9 @@ class SparseTeacherDataModule(pl.LightningDataModule):
             an epoch only paces validation and epoch-end hooks, sampling is i.i.d. regardless.
 
     The tensors live on the training device after ``setup``; a training batch ``(x, y)`` is a
-    fresh gather, so nothing downstream (label noise, user code) can modify the stored data.
+    fresh gather, so nothing downstream (label noise, user code) can modify the stored data. For a module with a
+    fused layout (:mod:`lightning_lnsgd.protocol`) ``x`` is an :class:`IndexedInputs`, the sampled rows of the
+    training set, and ``y`` their labels ``(R, k, B)``: the batch does not grow with d.
     The validation and test loaders yield the test set as one batch.
     """
 
@@ -150,14 +178,16 @@ class SparseTeacherDataModule(pl.LightningDataModule):
         self._rank, self._replica_sampler = rank, None
 
     def sample(
-        self, n: int | None = None, replica_seeds: list[int] | None = None, rank: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, n: int | None = None, replica_seeds: list[int] | None = None, rank: int | None = None,
+        indexed: bool = False,
+    ) -> tuple[torch.Tensor | IndexedInputs, torch.Tensor]:
         """Draws a training batch ``(x, y)`` uniformly with replacement from the training set.
 
         ``n`` stacks that many SGD steps' batches, ``(n, B, d)``, equal to n single draws;
         ``replica_seeds`` adds a leading replica axis, each replica sampling from its own stream
         (seeded by the datamodule's seed and the replica's seed) in lockstep with this one;
-        ``rank`` is the rank mixed into those streams (default: the DDP rank; 0 for replicas sharded over ranks).
+        ``rank`` is the rank mixed into those streams (default: the DDP rank; 0 for replicas sharded over ranks);
+        ``indexed``: ``x`` as the :class:`IndexedInputs` of the same draw.
         """
         sampler = self._sampler
         if replica_seeds is not None:
@@ -169,7 +199,7 @@ class SparseTeacherDataModule(pl.LightningDataModule):
             sampler.counter = self._sampler.counter
         idx = sampler.randint(self.n_train, (self.batch_size,), n=n, device=self.x_train.device)
         self._sampler.counter = sampler.counter
-        return self.x_train[idx], self.y_train[idx]
+        return (IndexedInputs(self.x_train, idx) if indexed else self.x_train[idx]), self.y_train[idx]
 
     def train_dataloader(self) -> _DrawLoader:
         self._train_loader = _DrawLoader(self.steps_per_epoch)
@@ -198,6 +228,7 @@ class SparseTeacherDataModule(pl.LightningDataModule):
                     n=layout.steps,
                     replica_seeds=None if layout.replica_seeds is None else list(layout.replica_seeds),
                     rank=layout.stream_rank(self._rank),
+                    indexed=True,
                 )
             )
             if self.trainer is not None:

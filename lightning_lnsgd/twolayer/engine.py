@@ -27,6 +27,7 @@ import torch
 from ..compat import add_optimizer_steps, rank_zero_info
 from ..strategies import sam_settings
 from . import kernels
+from .data import IndexedInputs
 from .dynamics import lazy_from_stats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -121,9 +122,14 @@ class FusedEngine:
 
     #: Upper bound on the weight snapshots one kernel call keeps (bytes); more marks mean more calls.
     SNAPSHOT_BYTES = 64 * 2**20
+    #: Indexed inputs (:class:`~lightning_lnsgd.twolayer.data.IndexedInputs`) are gathered and stepped in segments
+    #: that end at multiples of this many SGD steps (counted from step 0 of the fit, so that a replica's segments, and
+    #: with them its rounding, are the same whatever else is stacked, sharded or resumed): the gathered inputs of
+    #: ``R`` replicas hold at most ``R·SEGMENT_STEPS·B·d`` values.
+    SEGMENT_STEPS = 256
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def run(self, x: torch.Tensor | IndexedInputs, y: torch.Tensor) -> None:
         """Runs the ``k = x.shape[-3]`` SGD steps of one batch and advances ``global_step`` by k.
 
         The steps on the escape-check grid (until every replica has escaped) and on the logging grid inside the
@@ -146,12 +152,16 @@ class FusedEngine:
         if self.backend != "numba":
             per_call = max(1, self.SNAPSHOT_BYTES // ((W.numel() + a.numel()) * W.element_size()))
         ordered = sorted(marks)
-        groups = [ordered[i : i + per_call] for i in range(0, len(ordered), per_call)] or [[]]
+        ends = [ordered[i : i + per_call][-1] for i in range(0, len(ordered), per_call)][:-1]  # the calls' last steps
+        if isinstance(x, IndexedInputs):
+            seg = self.SEGMENT_STEPS
+            ends = sorted(set(ends).union(range(seg - start % seg, k, seg)))
         pos = 0
-        for n, group in enumerate(groups):
-            end = k if n == len(groups) - 1 else group[-1]
+        for end in [*ends, k]:
+            group = [t for t in ordered if pos < t <= end]
+            inputs = x.gather(slice(pos, end), W.dtype) if isinstance(x, IndexedInputs) else x[..., pos:end, :, :]
             out = kernels.run_steps(
-                W, a, x[..., pos:end, :, :], y[..., pos:end, :], self.lr,
+                W, a, inputs, y[..., pos:end, :], self.lr,
                 sam_rho=self.sam_rho, sam_normalize=self.sam_normalize, backend=self.backend,
                 snapshots=[t - pos for t in group] if group else None, stats_against=against,
             )

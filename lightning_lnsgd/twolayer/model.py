@@ -164,8 +164,9 @@ class TwoLayerLinear(pl.LightningModule):
         if K is None:
             W, a = F.ntk_init(width, dim, scales[0], seed)
         else:
-            inits = [F.ntk_init(width, dim, s, rs) for s, rs in zip(scales, self.replica_seeds)]
-            W, a = torch.stack([w for w, _ in inits]), torch.stack([v for _, v in inits])
+            W, a = torch.empty(K, width, dim), torch.empty(K, width)
+            for r, (scale, replica_seed) in enumerate(zip(scales, self.replica_seeds)):  # no second copy of the stack
+                W[r], a[r] = F.ntk_init(width, dim, scale, replica_seed)
         # Trained on both paths (the fused engine updates them in place, without autograd); DDP needs a parameter
         # that requires grad to wrap the module.
         self.W = nn.Parameter(W)

@@ -41,6 +41,9 @@ class Recorder:
     tag of the run itself. Past ``log_replicas`` replicas only the means are logged (see :attr:`logs_replicas`).
     """
 
+    #: Replicas per block when the statistics of the current weights are computed (bounds their temporaries).
+    STATS_BLOCK = 64
+
     def __init__(self, model: TwoLayerLinear) -> None:
         self.model = model
         self.logged_escape = torch.zeros(model.W.shape[:-2], dtype=torch.bool)
@@ -110,7 +113,14 @@ class Recorder:
     @torch.no_grad()
     def values(self, W: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every logged tag (``dynamics/*``, ``train/loss``, ``test/loss``) of the weights ``W``, ``a``, on device."""
-        return self.values_from_stats(weight_stats(W, a, self.model.W0, self.teacher()))
+        W0, teacher = self.model.W0, self.teacher()
+        if W.ndim < 3:
+            return self.values_from_stats(weight_stats(W, a, W0, teacher))
+        # Blocks of replicas: the reductions are per replica, so the values are the same, and the temporaries are a
+        # block's, not the stack's.
+        n = self.STATS_BLOCK
+        blocks = zip(W.split(n, -3), a.split(n, -2), W0.split(n, -3))
+        return self.values_from_stats(torch.cat([weight_stats(w, v, w0, teacher) for w, v, w0 in blocks], -2))
 
     @torch.no_grad()
     def values_from_stats(self, stats: torch.Tensor) -> dict[str, torch.Tensor]:

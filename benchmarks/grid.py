@@ -1,0 +1,112 @@
+"""The 1,024-replica phase-diagram grid as one job: its speed against the numba kernel alone, its peak memory and its
+start-up, in one command.
+
+    python benchmarks/grid.py                                  # 10k and 30k steps of the job, 10k of the kernel
+    python benchmarks/grid.py --short 2000 --long 6000 --kernel-steps 2000   # quicker
+
+* **Kernel alone**: :func:`lightning_lnsgd.twolayer.kernels.run_steps` (numba) on the grid's 1,024 replicas (m = 1000,
+  d = 20, batch 1, float32), samples and noisy targets drawn up front, in calls of ``--chunk`` steps (the job's
+  ``steps_per_batch``); best of ``--repeat``.
+* **The job**: ``python -m lightning_lnsgd fit --config configs/phase_diagram.yaml`` in a fresh process at two lengths
+  (``--short``, ``--long`` SGD steps, into a temporary folder): the marginal rate R·(long − short)/(t_long − t_short)
+  leaves out start-up, compilation and the end-of-fit work. Peak RSS is the job process's own ``ru_maxrss`` at its
+  end, for the long run.
+* **Start-up**: parsing (``run=False``) of ``configs/phase_diagram.yaml`` (1,024 replicas) and of
+  ``configs/sweep_sigma.yaml`` (16), each in a fresh process, wall seconds including the imports.
+
+Prints one table; the ratio is the job's marginal replica-steps/s over the kernel's. The machine is shared: run it
+when it is quiet, or read the figures as those of the load it ran under (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from kernels import best_of, paper_problem  # noqa: E402
+
+from lightning_lnsgd.twolayer.kernels import prepare, run_steps  # noqa: E402
+
+CONFIG = ROOT / "configs" / "phase_diagram.yaml"
+SMALL = ROOT / "configs" / "sweep_sigma.yaml"
+R = 8 * 8 * 16
+
+CHILD = """
+import resource, sys, time
+t = time.perf_counter()
+from lightning_lnsgd.cli import main
+main({args!r}, run={run})
+print("BENCH", time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def child(args: list[str], run: bool = True) -> tuple[float, float]:
+    """Runs the CLI on ``args`` in a fresh process; returns (wall seconds, peak RSS in MB)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", CHILD.format(args=args, run=run)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"grid benchmark: {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    _, seconds, kb = lines[-1].split()
+    return float(seconds), float(kb) / 1024
+
+
+def job(steps: int, root: str) -> tuple[float, float]:
+    return child(["fit", "--config", str(CONFIG), "--trainer.max_steps", str(steps), "--trainer.default_root_dir",
+                  os.path.join(root, f"s{steps}")])
+
+
+def kernel(steps: int, chunk: int, repeat: int) -> float:
+    """Replica-steps/s of the numba kernel alone on R replicas."""
+    W, a, x, y = paper_problem(R, chunk)
+    prepare("numba", W.dtype, False)
+    lr = torch.full((R,), 1e-3)
+    calls = max(1, steps // chunk)
+    seconds = best_of(lambda: [run_steps(W, a, x, y, lr, backend="numba") for _ in range(calls)], repeat)
+    return R * calls * chunk / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--short", type=int, default=10_000, help="SGD steps of the short job")
+    parser.add_argument("--long", type=int, default=30_000, help="SGD steps of the long job")
+    parser.add_argument("--kernel-steps", type=int, default=10_000, help="SGD steps of the kernel alone")
+    parser.add_argument("--chunk", type=int, default=2000, help="steps per kernel call (the config's steps_per_batch)")
+    parser.add_argument("--repeat", type=int, default=2, help="kernel timings: best of this many")
+    args = parser.parse_args()
+    print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    rate_kernel = kernel(args.kernel_steps, args.chunk, args.repeat)
+    with tempfile.TemporaryDirectory() as root:
+        t_short, rss_short = job(args.short, root)
+        t_long, rss_long = job(args.long, root)
+    rate_job = R * (args.long - args.short) / (t_long - t_short)
+    parse_grid, _ = child(["--config", str(CONFIG)], run=False)
+    parse_small, _ = child(["--config", str(SMALL)], run=False)
+    print(f"{'what':<46} {'value':>12}")
+    print(f"{'kernel alone, replica-steps/s':<46} {rate_kernel:>12,.0f}")
+    print(f"{f'job {args.short:,} steps, wall s':<46} {t_short:>12.1f}")
+    print(f"{f'job {args.long:,} steps, wall s':<46} {t_long:>12.1f}")
+    print(f"{'job marginal, replica-steps/s':<46} {rate_job:>12,.0f}")
+    print(f"{'ratio job / kernel (target >= 0.7)':<46} {rate_job / rate_kernel:>12.2f}")
+    print(f"{f'peak RSS of the job, MB ({args.short:,} / {args.long:,} steps)':<46} "
+          f"{f'{rss_short:.0f} / {rss_long:.0f}':>12}")
+    print(f"{'parse phase_diagram.yaml (1,024 replicas), s':<46} {parse_grid:>12.1f}")
+    print(f"{'parse sweep_sigma.yaml (16 replicas), s':<46} {parse_small:>12.1f}")
+    print(f"200k steps at the marginal rate: {R * 200_000 / rate_job / 60:.1f} min (+ start-up)")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
