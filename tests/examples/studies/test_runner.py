@@ -217,7 +217,7 @@ def test_save_figure_writes_a_small_png_and_refuses_high_dpi(tmp_path):
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     assert width <= 4 * 50 + 10 and height <= 3 * 50 + 10  # tight bounding box: at most the figure
-    assert not plt.get_fignums()  # closed
+    assert fig.number not in plt.get_fignums()  # closed
     with pytest.raises(ValueError, match="dpi"):
         save_figure(plt.figure(), tmp_path / "g.png", dpi=200)
 
