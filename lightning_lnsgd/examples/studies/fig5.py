@@ -154,8 +154,11 @@ def _figure(out: Path, names: Sequence[str], seeds: Sequence[int], dist: Mapping
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser = study_parser("Fig. 5 on real images: GD, SAM and label noise against the linearised model", "runs/fig5", seeds=3)
-    parser.add_argument("--data", choices=["digits", "cifar10"], default="digits")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 directory (no download; default LNSGD_DATA_DIR)")
+    # --dataset as well: the name fig1 takes for the same switch.
+    parser.add_argument("--data", "--dataset", choices=["digits", "cifar10"], default="digits",
+                        help="digits (default) or cifar10")
+    parser.add_argument("--data-dir", default=None,
+                        help="CIFAR-10 folder (cifar10; no download; default $LNSGD_DATA_DIR, ./data)")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
