@@ -1,7 +1,8 @@
 """lightning_lnsgd: label-noise SGD and SAM as PyTorch Lightning plug-ins (arXiv 2603.10397).
 
-Layout: ``callbacks``, ``strategies`` and ``metrics`` are the plug-ins for any LightningModule; ``twolayer`` is
-the paper's model with its data, fused engine and kernels; ``nn`` holds modules for any network (:class:`Linearized`); ``examples`` are the real-network examples.
+Layout: ``callbacks``, ``strategies`` and ``metrics`` are the plug-ins for any LightningModule; ``nn`` holds modules
+for any network (:class:`Linearized`); ``twolayer`` is the paper's model with its data, fused engine and kernels;
+``examples`` are the real-network examples and ``examples.studies`` the commands that run them over seeds.
 """
 
 from .callbacks import (

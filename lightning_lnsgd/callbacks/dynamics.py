@@ -27,6 +27,7 @@ from ._common import (
     log_histograms,
     log_scalars,
     logging_interval,
+    other_loggers,
     resolve_weights,
     warn_tensorboard_only,
 )
@@ -261,7 +262,13 @@ class DynamicsMonitor(Callback):
             ["the scatter figures dynamics/*/scatter"] if self.scatter_steps else []
         )
         if stage == "fit" and dropped:
-            rest = "its scalars go to every logger. Add a TensorBoardLogger to see them, or set histograms=False"
+            rest = "its scalars go to every logger. "
+            # Advice to add a TensorBoard logger only where the trainer has none.
+            if len(other_loggers(trainer)) < len(trainer.loggers):
+                rest += "The trainer's TensorBoard logger has them"
+            else:
+                rest += "Add a TensorBoardLogger to see them"
+            rest += "; to ask for none, set histograms=False"
             rest += " and no scatter_steps." if self.scatter_steps else "."
             warn_tensorboard_only(type(self).__name__, trainer, " and ".join(dropped), rest)
 

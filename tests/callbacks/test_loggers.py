@@ -112,6 +112,8 @@ def test_every_logger_gets_what_it_can_take_and_a_warning_for_the_rest(
     for name in others:
         (dyn,) = [m for m in ours if m.startswith("DynamicsMonitor") and f"not to {name} " in m]
         assert "histograms dynamics/*" in dyn and "scatter figures" in dyn and "histograms=False" in dyn
+        # advice to add a TensorBoard logger only where there is none
+        assert ("Add a TensorBoardLogger" in dyn) == ("tb" not in loggers), dyn
         (fig,) = [m for m in ours if m.startswith("PruningCurve") and f"not to {name} " in m]
         assert "figure pruning/val/acc" in fig and "scalars pruning/val/acc@<α>" in fig
     assert not any("not to TensorBoardLogger" in m for m in ours)

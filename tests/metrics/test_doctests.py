@@ -12,6 +12,7 @@ MODULES = [
     "lightning_lnsgd.callbacks.pruning",
     "lightning_lnsgd.nn.linearized",
     "lightning_lnsgd.examples.studies.kernel_regime",
+    "lightning_lnsgd.examples.studies.runner",
 ]
 
 

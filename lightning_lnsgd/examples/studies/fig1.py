@@ -207,7 +207,9 @@ def figure(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     """Runs the study (see the module docstring and ``--help``); returns :func:`summarize`'s rows."""
     parser = study_parser(__doc__.splitlines()[0], "runs/fig1")
-    parser.add_argument("--dataset", choices=sorted(EPOCHS), default="digits", help="digits (default) or cifar10")
+    # --data as well: the name fig5 takes for the same switch (argparse would call it an ambiguous prefix).
+    parser.add_argument("--dataset", "--data", choices=sorted(EPOCHS), default="digits",
+                        help="digits (default) or cifar10")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: digits 100, cifar10 160)")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="label-flip probabilities")
     parser.add_argument("--rho", type=float, default=0.05, help="SAM radius (default 0.05)")

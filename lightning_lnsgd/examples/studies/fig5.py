@@ -154,17 +154,23 @@ def _figure(out: Path, names: Sequence[str], seeds: Sequence[int], dist: Mapping
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser = study_parser("Fig. 5 on real images: GD, SAM and label noise against the linearised model", "runs/fig5", seeds=3)
-    parser.add_argument("--data", choices=["digits", "cifar10"], default="digits")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 directory (no download; default LNSGD_DATA_DIR)")
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--depth", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1.0)
-    parser.add_argument("--n-train", type=int, default=64)
-    parser.add_argument("--n-test", type=int, default=256)
-    parser.add_argument("--kernel-examples", type=int, default=4)
-    parser.add_argument("--record-every", type=int, default=20)
-    parser.add_argument("--data-seed", type=int, default=0)
+    # --dataset as well: the name fig1 takes for the same switch.
+    parser.add_argument("--data", "--dataset", choices=["digits", "cifar10"], default="digits",
+                        help="digits (default) or cifar10")
+    parser.add_argument("--data-dir", default=None,
+                        help="CIFAR-10 folder (cifar10; no download; default $LNSGD_DATA_DIR, ./data)")
+    parser.add_argument("--width", type=int, default=512, help="hidden width (default %(default)s)")
+    parser.add_argument("--depth", type=int, default=2, help="hidden layers (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="full-batch GD steps (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=1.0, help="learning rate (default %(default)s)")
+    parser.add_argument("--n-train", type=int, default=64,
+                        help="training images, one full batch (default %(default)s)")
+    parser.add_argument("--n-test", type=int, default=256, help="test images (default %(default)s)")
+    parser.add_argument("--kernel-examples", type=int, default=4,
+                        help="test images of the kernel (default %(default)s)")
+    parser.add_argument("--record-every", type=int, default=20,
+                        help="steps between recorded test outputs and metrics (default %(default)s)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the image subset (default %(default)s)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
                         help="which settings to run (lin is always run: the others are measured against it)")
     args = parser.parse_args(argv)

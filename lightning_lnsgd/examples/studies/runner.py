@@ -54,6 +54,7 @@ __all__ = [
     "RunResult",
     "Setting",
     "mean_ci",
+    "mean_ci_text",
     "run_study",
     "save_figure",
     "study_parser",
@@ -172,10 +173,20 @@ def summarize(
     return rows
 
 
-def _cell(mean: float, ci: float, digits: int) -> str:
+def mean_ci_text(mean: float, ci: float, spec: str, ci_spec: Optional[str] = None) -> str:
+    """``mean ± ci`` formatted with the format specs ``spec`` (and ``ci_spec``, default ``spec``); the mean alone when
+    ``ci`` is NaN (one seed), nothing when ``mean`` is NaN.
+
+    >>> mean_ci_text(0.12345, 0.01, ".3f"), mean_ci_text(0.12345, math.nan, ".3f"), mean_ci_text(math.nan, 1, ".3f")
+    ('0.123 ± 0.010', '0.123', '')
+    """
     if math.isnan(mean):
         return ""
-    return f"{mean:.{digits}f}" if math.isnan(ci) else f"{mean:.{digits}f} ± {ci:.{digits}f}"
+    return f"{mean:{spec}}" if math.isnan(ci) else f"{mean:{spec}} ± {ci:{ci_spec or spec}}"
+
+
+def _cell(mean: float, ci: float, digits: int) -> str:
+    return mean_ci_text(mean, ci, f".{digits}f")
 
 
 def write_tables(

@@ -27,7 +27,7 @@ import torch
 
 from ...metrics.functional.laziness import empirical_ntk, linearization_gap, relative_kernel_change
 from .kernel_regime import gd_step, image_subset, loglog_slope, ntk_mlp_pair
-from .runner import RunResult, Setting, mean_ci, run_study, save_figure, study_parser
+from .runner import RunResult, Setting, mean_ci, mean_ci_text, run_study, save_figure, study_parser
 
 __all__ = ["METRICS", "main", "run_width", "slopes"]
 
@@ -85,7 +85,7 @@ def _figure(results: Sequence[RunResult], widths: Mapping[str, int], fitted: Map
         means = [math.exp(sum(math.log(r.metrics[metric]) for r in results if widths[r.setting] == m)
                           / sum(1 for r in results if widths[r.setting] == m)) for m in ms]
         slope, ci = mean_ci(fitted[metric])
-        ax.plot(ms, means, "-o", color="C0", ms=3, label=f"slope {slope:.2f} ± {ci:.2f}")
+        ax.plot(ms, means, "-o", color="C0", ms=3, label=f"slope {mean_ci_text(slope, ci, '.2f')}")
         ax.plot(ms, [means[0] * (m / ms[0]) ** -0.5 for m in ms], "--", color="grey", label="m^-1/2")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -97,12 +97,14 @@ def _figure(results: Sequence[RunResult], widths: Mapping[str, int], fitted: Map
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, tuple[float, float]]:
     parser = study_parser("Width study: linearisation gap and kernel change against the width", "runs/width", seeds=3)
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048],
+                        help="hidden widths m (default 64 ... 2048, doubling)")
     parser.add_argument("--depth", type=int, default=2, help="hidden layers (default 2)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1.0)
-    parser.add_argument("--n-train", type=int, default=64)
-    parser.add_argument("--n-test", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=300, help="full-batch GD steps (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=1.0, help="learning rate (default %(default)s)")
+    parser.add_argument("--n-train", type=int, default=64,
+                        help="training images, one full batch (default %(default)s)")
+    parser.add_argument("--n-test", type=int, default=256, help="test images (default %(default)s)")
     parser.add_argument("--kernel-examples", type=int, default=4, help="test images of the kernel (default 4)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the image subset (default 0)")
     args = parser.parse_args(argv)
@@ -120,11 +122,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, tuple[float, float]]
     summary = {metric: mean_ci(values) for metric, values in fitted.items()}
     out = Path(args.out)
     lines = [f"Log–log slopes against the width over {len(fitted[METRICS[0]])} seeds (mean ± 95 % t-interval):", ""]
-    lines += [f"| {metric} | {mean:.3f} ± {ci:.3f} |" for metric, (mean, ci) in summary.items()]
+    lines += ["| metric | log–log slope |", "|---|---|"]
+    lines += [f"| {metric} | {mean_ci_text(mean, ci, '.3f')} |" for metric, (mean, ci) in summary.items()]
     lines += ["", "| width | " + " | ".join(METRICS) + " | train_loss |", "|---|" + "---|" * (len(METRICS) + 1)]
     for s in settings:
         cells = [mean_ci([r.metrics[m] for r in results if r.setting == s.name]) for m in (*METRICS, "train_loss")]
-        lines.append(f"| {widths[s.name]} | " + " | ".join(f"{a:.4g} ± {b:.2g}" for a, b in cells) + " |")
+        lines.append(f"| {widths[s.name]} | " + " | ".join(mean_ci_text(a, b, ".4g", ".2g") for a, b in cells) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "slopes.json").write_text(json.dumps({k: {"per_seed": v, "mean": summary[k][0], "ci": summary[k][1]}
                                                  for k, v in fitted.items()}, indent=1))

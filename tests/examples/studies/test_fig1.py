@@ -81,3 +81,15 @@ def test_bad_arguments_are_refused_in_one_line(bad, tmp_path, capsys):
         fig1.main(["--out", str(tmp_path), *bad])
     assert len([line for line in capsys.readouterr().err.splitlines() if "error" in line]) == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("study", ["fig1", "fig5"])
+@pytest.mark.parametrize("flag", ["--dataset", "--data"])
+def test_both_studies_take_both_spellings_of_the_data_switch(study, flag, tmp_path, capsys):
+    from lightning_lnsgd.examples.studies import fig5
+
+    main = {"fig1": fig1.main, "fig5": fig5.main}[study]
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), flag, "mnist"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'mnist'" in err and "cifar10" in err, err

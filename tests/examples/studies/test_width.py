@@ -23,6 +23,9 @@ def test_linearisation_gap_and_kernel_change_fall_as_a_power_law_of_the_width(tm
     assert kernel_regime.loglog_slope(*zip(*points)) == pytest.approx(summary["kernel_change"][0])
     assert json.loads((tmp_path / "slopes.json").read_text())["lin_distance"]["per_seed"][0] == summary["lin_distance"][0]
     assert (tmp_path / "figure.png").stat().st_size > 0
+    # one seed: means without an interval (no "± nan"), and both tables have a header row
+    text = (tmp_path / "summary.md").read_text()
+    assert "nan" not in text and sum(line.startswith("|---|") for line in text.splitlines()) == 2, text
     torch.set_num_threads(1)  # main set it; the fixture restores the previous value
 
 
