@@ -6,7 +6,8 @@ start-up, in one command.
 
 * **Kernel alone**: :func:`lightning_lnsgd.twolayer.kernels.run_steps` (numba) on the grid's 1,024 replicas (m = 1000,
   d = 20, batch 1, float32), samples and noisy targets drawn up front, in calls of ``--chunk`` steps (the job's
-  ``steps_per_batch``); best of ``--repeat``.
+  ``steps_per_batch``); best of ``--repeat``. Also with the weights' statistics every 100 steps, what the job's
+  escape check reads while some replica has not escaped (in the shipped grid, some never do).
 * **The job**: ``python -m lightning_lnsgd fit --config configs/phase_diagram.yaml`` in a fresh process at two lengths
   (``--short``, ``--long`` SGD steps, into a temporary folder): the marginal rate R·(long − short)/(t_long − t_short)
   leaves out start-up, compilation and the end-of-fit work. Peak RSS is the job process's own ``ru_maxrss`` at its
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from kernels import best_of, paper_problem  # noqa: E402
 
 from lightning_lnsgd.twolayer.kernels import prepare, run_steps  # noqa: E402
+from lightning_lnsgd.twolayer.recorder import ESCAPE_RESOLUTION  # noqa: E402
 
 CONFIG = ROOT / "configs" / "phase_diagram.yaml"
 SMALL = ROOT / "configs" / "sweep_sigma.yaml"
@@ -68,13 +70,17 @@ def job(steps: int, root: str) -> tuple[float, float]:
                   os.path.join(root, f"s{steps}")])
 
 
-def kernel(steps: int, chunk: int, repeat: int) -> float:
-    """Replica-steps/s of the numba kernel alone on R replicas."""
+def kernel(steps: int, chunk: int, repeat: int, checks: int = 0) -> float:
+    """Replica-steps/s of the numba kernel alone on R replicas; with ``checks``, also reducing the weights every
+    ``checks`` steps (the statistics the job's escape check reads while a replica has not escaped)."""
     W, a, x, y = paper_problem(R, chunk)
     prepare("numba", W.dtype, False)
     lr = torch.full((R,), 1e-3)
     calls = max(1, steps // chunk)
-    seconds = best_of(lambda: [run_steps(W, a, x, y, lr, backend="numba") for _ in range(calls)], repeat)
+    snaps = list(range(checks, chunk + 1, checks)) if checks else None
+    against = (W.clone(), torch.ones(W.shape[-1]) / W.shape[-1] ** 0.5) if checks else None
+    seconds = best_of(lambda: [run_steps(W, a, x, y, lr, backend="numba", snapshots=snaps, stats_against=against)
+                               for _ in range(calls)], repeat)
     return R * calls * chunk / seconds
 
 
@@ -88,6 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     rate_kernel = kernel(args.kernel_steps, args.chunk, args.repeat)
+    rate_checked = kernel(args.kernel_steps, args.chunk, args.repeat, checks=ESCAPE_RESOLUTION)
     with tempfile.TemporaryDirectory() as root:
         t_short, rss_short = job(args.short, root)
         t_long, rss_long = job(args.long, root)
@@ -96,6 +103,7 @@ def main() -> None:
     parse_small, _ = child(["--config", str(SMALL)], run=False)
     print(f"{'what':<46} {'value':>12}")
     print(f"{'kernel alone, replica-steps/s':<46} {rate_kernel:>12,.0f}")
+    print(f"{f'kernel + weight statistics every {ESCAPE_RESOLUTION} steps':<46} {rate_checked:>12,.0f}")
     print(f"{f'job {args.short:,} steps, wall s':<46} {t_short:>12.1f}")
     print(f"{f'job {args.long:,} steps, wall s':<46} {t_long:>12.1f}")
     print(f"{'job marginal, replica-steps/s':<46} {rate_job:>12,.0f}")

@@ -156,14 +156,21 @@ class FusedEngine:
         if isinstance(x, IndexedInputs):
             seg = self.SEGMENT_STEPS
             ends = sorted(set(ends).union(range(seg - start % seg, k, seg)))
+        # The numba kernel skips the statistics nobody reads: at a check step that is no logging step, those of the
+        # replicas that have escaped (their escape step is kept). The weights do not depend on it.
+        still_in = (model.escape_step[self.rows] < 0) if self.backend == "numba" and self._escape_open else None
         pos = 0
         for end in [*ends, k]:
             group = [t for t in ordered if pos < t <= end]
+            needed = None
+            if still_in is not None and group:
+                logged = torch.tensor([every > 0 and (start + t) % every == 0 for t in group])
+                needed = logged[:, None] | still_in.reshape(1, -1)
             inputs = x.gather(slice(pos, end), W.dtype) if isinstance(x, IndexedInputs) else x[..., pos:end, :, :]
             out = kernels.run_steps(
                 W, a, inputs, y[..., pos:end, :], self.lr,
                 sam_rho=self.sam_rho, sam_normalize=self.sam_normalize, backend=self.backend,
-                snapshots=[t - pos for t in group] if group else None, stats_against=against,
+                snapshots=[t - pos for t in group] if group else None, stats_against=against, stats_needed=needed,
             )
             if out is not None:
                 self._record([start + t for t in group], out, check, every)

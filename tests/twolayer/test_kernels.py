@@ -310,3 +310,24 @@ def test_errors(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="CUDA tensors"):
             K.run_steps(W, a, x, y, lr, backend="triton")
+
+
+@needs_numba
+def test_numba_skips_only_the_statistics_it_is_told_nobody_reads():
+    gen = torch.Generator().manual_seed(5)
+    R, k, m, d = 3, 40, 16, 4
+    W0, a0 = torch.randn(R, m, d, generator=gen) / d**0.5, torch.randn(R, m, generator=gen) / m**0.5
+    x, y = torch.randn(R, k, 1, d, generator=gen), torch.randn(R, k, 1, generator=gen)
+    against = (W0.clone(), torch.ones(d) / d**0.5)
+    snaps = [10, 20, 40]
+    needed = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
+    runs = []
+    for mask in (None, needed):
+        W, a = W0.clone(), a0.clone()
+        stats = K.run_steps(W, a, x, y, 0.01, backend="numba", snapshots=snaps, stats_against=against,
+                            stats_needed=mask)
+        runs.append((W, a, stats))
+    (W_all, a_all, full), (W_some, a_some, some) = runs
+    assert bool(full.isfinite().all()) and not torch.equal(W_all, W0)
+    assert torch.equal(W_all, W_some) and torch.equal(a_all, a_some)  # the weights never depend on the mask
+    assert torch.equal(some[needed], full[needed]) and bool(some[~needed].isnan().all())

@@ -220,6 +220,7 @@ def run_steps(
     backend: str = "auto",
     snapshots: Optional[Sequence[int]] = None,
     stats_against: Optional[tuple[Tensor, Tensor]] = None,
+    stats_needed: Optional[Tensor] = None,
 ) -> Optional[Union[tuple[Tensor, Tensor], Tensor]]:
     """Run ``k`` SGD (or SAM) steps of the two-layer linear model in place (see the module docstring for the math).
 
@@ -240,6 +241,9 @@ def run_steps(
             ``snapshots``, return the :func:`~lightning_lnsgd.twolayer.dynamics.weight_stats` of the weights at the
             snapshot steps instead of copies of them. The numba kernel reduces the weights as it produces them,
             without copying them out; the other backends reduce the copies.
+        stats_needed: with ``stats_against`` on the numba backend, a bool ``(S, R)`` (``(S,)`` without a replica
+            axis): the statistics of snapshot s and replica r are computed only where it is ``True`` and are NaN
+            elsewhere, which saves the O(m·d²) reduction; the weights are the same either way. Other backends ignore it.
 
     Returns:
         ``None`` without ``snapshots``; else ``(Ws, As)``, the weights after each snapshot step, with shapes
@@ -255,7 +259,9 @@ def run_steps(
         if be == "numba" and snaps and stats_against is not None:
             stats = torch.empty((len(snaps), R, len(STATS) + d), dtype=torch.float64)
             W0, teacher = stats_against
-            _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, snaps, stats=(W0, teacher, stats))
+            needed = None if stats_needed is None else stats_needed.reshape(len(snaps), R).to(torch.uint8).contiguous()
+            _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, snaps, stats=(W0, teacher, stats),
+                          needed=needed)
             return stats if rep else stats[:, 0]
         Ws = W.new_empty((len(snaps),) + tuple(W.shape))
         As = a.new_empty((len(snaps),) + tuple(a.shape))
@@ -294,7 +300,7 @@ def _run_compiled(
     be: str, rep: bool, R: int, W: Tensor, a: Tensor, x: Tensor, y: Tensor, lr: Union[float, Tensor],
     sam_rho: Optional[Union[float, Tensor]], sam_normalize: bool,
     snaps: Optional[list[int]] = None, Ws: Optional[Tensor] = None, As: Optional[Tensor] = None,
-    stats: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+    stats: Optional[tuple[Tensor, Tensor, Tensor]] = None, needed: Optional[Tensor] = None,
 ) -> None:
     """The numba / triton call of :func:`run_steps` (arguments already checked)."""
     if W.dtype not in (torch.float32, torch.float64):
@@ -336,6 +342,7 @@ def _run_compiled(
             sam_normalize,
             snap_args,
             stats_args,
+            None if needed is None else needed.numpy(),
         )
     else:
         from . import triton_gpu

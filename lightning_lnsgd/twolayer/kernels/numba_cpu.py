@@ -60,7 +60,7 @@ _FM = {"reassoc", "contract", "nsz"}
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, scratch, first, last):  # pragma: no cover
+def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, scratch, first, last):  # pragma: no cover
     """k SGD (``rho`` None) or SAM steps on replicas ``first`` … ``last − 1`` (see the module docstring).
 
     ``scratch`` ``(R, L)`` float64, one padded row per replica: S, P, Pᵀ and 11 vectors of length d + 1."""
@@ -102,6 +102,11 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, scratc
                 # Accumulated as axpys over the columns of P (SIMD across the outputs), not one dot product per output.
                 into = si < snap.shape[0] and snap[si] == t
                 stats = into and with_stats
+                if stats and need[si, r] == 0:  # nobody reads them: NaN, and the O(m·d²) reduction is skipped
+                    for p in range(ST.shape[2]):
+                        ST[si, r, p] = math.nan
+                    si += 1
+                    continue
                 for p in range(D):
                     for q in range(D):
                         PT[q, p] = P[p, q]
@@ -277,7 +282,7 @@ STATS = ("norm_sq_sum", "alignment_sum", "cosine_sum", "lazy_min_sq", "a_abs_sum
 
 def run(
     W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool, snapshots=None,
-    stats_against=None,
+    stats_against=None, needed=None,
 ) -> None:
     """Runs :func:`steps`. All arrays C-contiguous, one float dtype; ``rho`` None (SGD) or ``(R,)`` (SAM);
     ``snapshots`` None or ``(snap, SW, SA)`` (see the module docstring). Replicas are split into as many blocks as
@@ -285,17 +290,21 @@ def run(
 
     ``stats_against`` ``(W0, v, ST)``: at the snapshot steps, instead of copying the weights into ``SW``, ``SA``
     (then empty), reduce them into ``ST`` ``(S, R, 5 + d)`` float64: Σᵢ‖wᵢ‖², Σᵢ|⟨wᵢ, v⟩|, Σᵢ|cos(wᵢ, v)|,
-    minᵢ‖wᵢ − W0ᵢ‖², Σᵢ|aᵢ| (:data:`STATS`) and θ = Σᵢ aᵢwᵢ; ``W0`` like ``W``, ``v`` ``(d,)`` float64."""
+    minᵢ‖wᵢ − W0ᵢ‖², Σᵢ|aᵢ| (:data:`STATS`) and θ = Σᵢ aᵢwᵢ; ``W0`` like ``W``, ``v`` ``(d,)`` float64.
+    ``needed`` ``(S, R)`` uint8 (default all 1): the statistics of snapshot s and replica r are computed where it is 1,
+    and NaN where it is 0 (the weights do not change at a snapshot, so skipping one changes nothing else)."""
     R, m, d = W.shape
     if snapshots is None:
         snapshots = (np.empty(0, np.int64), np.empty((0, R, m, d), W.dtype), np.empty((0, R, m), W.dtype))
     if stats_against is None:
         stats_against = (W, np.zeros(d), np.empty((0, R, 5 + d)))
+    if needed is None:
+        needed = np.ones((stats_against[2].shape[0], R), np.uint8)
     D = d + 1
     # One row per replica, padded to whole 64-byte lines plus one: threads never write a line another thread uses.
     width = -(-(3 * D * D + 11 * D) // 8) * 8 + 8
     scratch = np.empty((R, width))
-    args = (W, a, x, y, lr, rho, bool(normalize), 1e-12, *snapshots, *stats_against, scratch)
+    args = (W, a, x, y, lr, rho, bool(normalize), 1e-12, *snapshots, *stats_against, needed, scratch)
     threads = min(R, get_num_threads())
     if threads <= 1:
         steps(*args, 0, R)
