@@ -215,6 +215,11 @@ class LabelNoise(Callback):
         if self.kind == "flip":
             table = self.transition
             return table.mean_flip_rate() if isinstance(table, noise_draw.TransitionTable) else float(self.flip_prob)  # type: ignore[arg-type]
+        if self.sigma_from_grid and not self.sigma:
+            raise RuntimeError(
+                "LabelNoise: sigma='grid' takes its values from the module's grid at the fit's setup; the level is "
+                "not known before the fit starts."
+            )
         return sum(self.sigma) / len(self.sigma) if isinstance(self.sigma, list) else self.sigma
 
     @property

@@ -68,9 +68,12 @@ def test_plugins_take_their_column_from_the_grid():
     grid = {"rho": [0.01, 0.05], "sigma": [0.5, 3.0], "seed": [0, 1]}
     sam = SAMStrategy(rho="grid")
     noise = LabelNoise(sigma="grid", seed=1)
+    with pytest.raises(RuntimeError, match="sigma='grid' takes its values from the module's grid"):
+        noise.level  # not known before the fit
     model, _ = fit(strategy=sam, noise=noise, grid=grid, steps=50)
     columns = expand_grid(grid)
     assert noise.sigma == columns["sigma"] and sam.rho == columns["rho"]
+    assert noise.level == pytest.approx(sum(columns["sigma"]) / len(columns["sigma"]))
     settings = model.replica_settings()
     for name in ("rho", "sigma"):
         assert [row[name] for row in settings] == columns[name]
