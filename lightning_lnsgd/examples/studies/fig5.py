@@ -33,7 +33,7 @@ from ...callbacks._common import log_scalars
 from ...compat import Callback, TensorBoardLogger, Trainer
 from ...strategies.sam import SAMStrategy
 from ..vision import ImageClassifier, squared_error
-from .kernel_regime import image_subset, ntk_mlp_pair
+from .kernel_regime import add_regime_arguments, image_subset, ntk_mlp_pair
 from .runner import RunResult, Setting, mean_ci, run_study, save_figure, study_parser, summarize, write_tables
 
 __all__ = ["SETTINGS", "TestOutputs", "main", "run_fig5"]
@@ -160,17 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--data-dir", default=None,
                         help="CIFAR-10 folder (cifar10; no download; default $LNSGD_DATA_DIR, ./data)")
     parser.add_argument("--width", type=int, default=512, help="hidden width (default %(default)s)")
-    parser.add_argument("--depth", type=int, default=2, help="hidden layers (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=300, help="full-batch GD steps (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=1.0, help="learning rate (default %(default)s)")
-    parser.add_argument("--n-train", type=int, default=64,
-                        help="training images, one full batch (default %(default)s)")
-    parser.add_argument("--n-test", type=int, default=256, help="test images (default %(default)s)")
-    parser.add_argument("--kernel-examples", type=int, default=4,
-                        help="test images of the kernel (default %(default)s)")
+    add_regime_arguments(parser)
     parser.add_argument("--record-every", type=int, default=20,
                         help="steps between recorded test outputs and metrics (default %(default)s)")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the image subset (default %(default)s)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
                         help="which settings to run (lin is always run: the others are measured against it)")
     args = parser.parse_args(argv)

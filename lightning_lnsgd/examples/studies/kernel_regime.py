@@ -4,6 +4,7 @@ squared error, and log–log slopes."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 from collections.abc import Sequence
@@ -16,7 +17,22 @@ from ...nn import Linearized
 from ..resnet import ImageMLP
 from ..vision import squared_error
 
-__all__ = ["ImageSubset", "gd_step", "image_subset", "loglog_slope", "ntk_mlp_pair"]
+__all__ = ["ImageSubset", "add_regime_arguments", "gd_step", "image_subset", "loglog_slope", "ntk_mlp_pair"]
+
+
+def add_regime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the options both kernel-regime studies take: the network (``--depth``), full-batch GD (``--steps``,
+    ``--lr``), the image subset (``--n-train``, ``--n-test``, ``--data-seed``) and the kernel's test images
+    (``--kernel-examples``)."""
+    parser.add_argument("--depth", type=int, default=2, help="hidden layers (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="full-batch GD steps (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=1.0, help="learning rate (default %(default)s)")
+    parser.add_argument("--n-train", type=int, default=64,
+                        help="training images, one full batch (default %(default)s)")
+    parser.add_argument("--n-test", type=int, default=256, help="test images (default %(default)s)")
+    parser.add_argument("--kernel-examples", type=int, default=4,
+                        help="test images of the kernel (default %(default)s)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the image subset (default %(default)s)")
 
 
 @dataclass(frozen=True)

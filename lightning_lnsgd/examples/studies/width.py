@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from ...metrics.functional.laziness import empirical_ntk, linearization_gap, relative_kernel_change
-from .kernel_regime import gd_step, image_subset, loglog_slope, ntk_mlp_pair
+from .kernel_regime import add_regime_arguments, gd_step, image_subset, loglog_slope, ntk_mlp_pair
 from .runner import RunResult, Setting, mean_ci, mean_ci_text, run_study, save_figure, study_parser
 
 __all__ = ["METRICS", "main", "run_width", "slopes"]
@@ -99,14 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, tuple[float, float]]
     parser = study_parser("Width study: linearisation gap and kernel change against the width", "runs/width", seeds=3)
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048],
                         help="hidden widths m (default 64 ... 2048, doubling)")
-    parser.add_argument("--depth", type=int, default=2, help="hidden layers (default 2)")
-    parser.add_argument("--steps", type=int, default=300, help="full-batch GD steps (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=1.0, help="learning rate (default %(default)s)")
-    parser.add_argument("--n-train", type=int, default=64,
-                        help="training images, one full batch (default %(default)s)")
-    parser.add_argument("--n-test", type=int, default=256, help="test images (default %(default)s)")
-    parser.add_argument("--kernel-examples", type=int, default=4, help="test images of the kernel (default 4)")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the image subset (default 0)")
+    add_regime_arguments(parser)
     args = parser.parse_args(argv)
     if len(args.widths) < 2 or min(args.widths) < 1:
         parser.error(f"--widths needs at least two widths >= 1, got {args.widths}")
