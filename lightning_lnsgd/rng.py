@@ -14,6 +14,7 @@ counter ``t`` is state, which buys four properties the project relies on:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -86,8 +87,44 @@ class CounterRNG:
             self._key_cache[device] = key
         return key
 
+    #: Draws of at least this many values on CPU are made by :mod:`lightning_lnsgd._rng_numba` in one compiled pass
+    #: (the same values, without the torch expressions' temporaries), when numba is installed.
+    COMPILED_FROM = 1 << 15
+
+    def _compiled(
+        self, kind: str, shape: Sequence[int], n: int | None, device: torch.device | str, dtype: torch.dtype,
+        high: int = 0,
+    ) -> torch.Tensor | None:
+        """The draw from the compiled kernels, or ``None`` where the torch expressions make it (small draws, other
+        devices, no numba). Advances the counter only when it draws."""
+        shape = tuple(int(s) for s in shape)
+        draws = 1 if n is None else int(n)
+        numel = math.prod(shape)
+        if torch.device(device).type != "cpu" or draws * numel * len(self.keys) < self.COMPILED_FROM:
+            return None
+        try:
+            from . import _rng_numba
+        except ImportError:  # pragma: no cover - numba is a dependency; a broken install falls back to torch
+            return None
+        out = torch.empty((len(self.keys), draws, numel), dtype=dtype)
+        keys = torch.tensor(self.keys, dtype=torch.int64).numpy()
+        if kind == "bits":
+            _rng_numba.bits(keys, self.counter, out.numpy())
+        elif kind == "randint":
+            _rng_numba.randint(keys, self.counter, high, out.numpy())
+        else:
+            _rng_numba.rademacher(keys, self.counter, out.numpy())
+        self.counter += draws
+        out = out.view(len(self.keys), draws, *shape)
+        if n is None:
+            out = out[:, 0]
+        return out if self.replicated else out[0]
+
     def bits(self, shape: Sequence[int], n: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Uniformly random 64-bit integers (as int64): one draw of ``shape``, or ``n`` draws stacked."""
+        compiled = self._compiled("bits", shape, n, device, torch.int64)
+        if compiled is not None:
+            return compiled
         device = torch.device(device)
         shape = tuple(int(s) for s in shape)
         draws = 1 if n is None else int(n)
@@ -128,6 +165,9 @@ class CounterRNG:
 
     def randint(self, high: int, shape: Sequence[int], n: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Integers uniform on {0, …, high−1} (int64); bias below high/2⁵³."""
+        compiled = self._compiled("randint", shape, n, device, torch.int64, int(high))
+        if compiled is not None:
+            return compiled
         u = _shr(self.bits(shape, n, device), 11).to(torch.float64) * (2.0**-53)
         return (u * high).to(torch.int64).clamp_(max=high - 1)
 
@@ -135,6 +175,10 @@ class CounterRNG:
         self, shape: Sequence[int], n: int | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """Signs ±1 with probability ½ each."""
+        if dtype in (torch.float32, torch.float64):
+            compiled = self._compiled("rademacher", shape, n, device, dtype)
+            if compiled is not None:
+                return compiled
         b = self.bits(shape, n, device) & 1
         return (b * 2 - 1).to(dtype)
 

@@ -62,3 +62,23 @@ def test_distributions():
     counts = torch.bincount(k, minlength=7).double()
     chi2 = ((counts - n / 7) ** 2 / (n / 7)).sum()
     assert k.min() >= 0 and k.max() <= 6 and chi2 < 30  # 6 dof: P(χ² > 30) < 1e-4
+
+
+@pytest.mark.parametrize("seeds", [11, [4, 5, 6]])
+@pytest.mark.parametrize(("shape", "n"), [((3,), 4000), ((2, 5000), None)])
+def test_large_cpu_draws_are_those_of_the_torch_expressions(monkeypatch, seeds, shape, n):
+    """Draws past ``COMPILED_FROM`` values come from one compiled pass: the same values, shapes and counters."""
+    draws = {}
+    for path, threshold in (("compiled", 1), ("torch", 1 << 62)):
+        monkeypatch.setattr(CounterRNG, "COMPILED_FROM", threshold)
+        rng = CounterRNG(seeds, "s")
+        rng.counter = 123
+        draws[path] = [
+            rng.bits(shape, n), rng.randint(200, shape, n), rng.randint(7, shape, n),
+            rng.rademacher(shape, n), rng.rademacher(shape, n, dtype=torch.float64), rng.counter,
+        ]
+    for compiled, reference in zip(draws["compiled"], draws["torch"]):
+        if isinstance(reference, int):
+            assert compiled == reference
+        else:
+            assert compiled.dtype == reference.dtype and torch.equal(compiled, reference)

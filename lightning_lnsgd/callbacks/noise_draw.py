@@ -40,9 +40,9 @@ def additive(
         eps = rng.rademacher(shape, n, labels.device, dtype=labels.dtype)
     else:
         eps = rng.normal(shape, n, labels.device, dtype=labels.dtype)
-    if isinstance(level, torch.Tensor):
-        return labels + (eps * level).to(labels.dtype)
-    return labels + eps * level
+    # In place: ε·level is computed in the wider dtype and rounded to ε's, as ``(eps * level).to(...)`` would be,
+    # without a temporary of the batch's size in float64.
+    return labels + eps.mul_(level)
 
 
 class TransitionTable:

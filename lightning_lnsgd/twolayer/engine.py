@@ -119,10 +119,14 @@ class FusedEngine:
         # Host-side: does some replica still wait for its escape step? Read at flush; once every replica has
         # escaped, the check grid needs no more weight snapshots.
         self._escape_open = not bool((model.escape_step >= 0).all())
+        # Per replica, the neuron the numba kernel's escape check looks at first (see run_steps' `track`); any start
+        # is correct, so it is not checkpointed.
+        self._track = torch.zeros(model.W.shape[:-2], dtype=torch.int64)[self.rows].contiguous()
 
     #: Upper bound on the weight snapshots one kernel call keeps (bytes); more marks mean more calls.
     SNAPSHOT_BYTES = 64 * 2**20
-    #: Indexed inputs (:class:`~lightning_lnsgd.twolayer.data.IndexedInputs`) are gathered and stepped in segments
+    #: On the torch and triton backends, indexed inputs (:class:`~lightning_lnsgd.twolayer.data.IndexedInputs`; the
+    #: numba kernel reads their rows itself) are gathered and stepped in segments
     #: that end at multiples of this many SGD steps (counted from step 0 of the fit, so that a replica's segments, and
     #: with them its rounding, are the same whatever else is stacked, sharded or resumed): the gathered inputs of
     #: ``R`` replicas hold at most ``R·SEGMENT_STEPS·B·d`` values.
@@ -153,24 +157,35 @@ class FusedEngine:
             per_call = max(1, self.SNAPSHOT_BYTES // ((W.numel() + a.numel()) * W.element_size()))
         ordered = sorted(marks)
         ends = [ordered[i : i + per_call][-1] for i in range(0, len(ordered), per_call)][:-1]  # the calls' last steps
-        if isinstance(x, IndexedInputs):
+        indexed = isinstance(x, IndexedInputs)
+        if indexed and self.backend != "numba":  # the numba kernel reads the rows itself; the others get them
             seg = self.SEGMENT_STEPS
             ends = sorted(set(ends).union(range(seg - start % seg, k, seg)))
-        # The numba kernel skips the statistics nobody reads: at a check step that is no logging step, those of the
-        # replicas that have escaped (their escape step is kept). The weights do not depend on it.
+        # The numba kernel skips the statistics nobody reads. At a check step that is no logging step it needs only
+        # the escape check (2), and not even that for the replicas that have escaped (0: their escape step is
+        # kept). The weights do not depend on it.
         still_in = (model.escape_step[self.rows] < 0) if self.backend == "numba" and self._escape_open else None
+        inside_sq = model.recorder.inside_lazy_ball_sq()
         pos = 0
         for end in [*ends, k]:
             group = [t for t in ordered if pos < t <= end]
             needed = None
             if still_in is not None and group:
                 logged = torch.tensor([every > 0 and (start + t) % every == 0 for t in group])
-                needed = logged[:, None] | still_in.reshape(1, -1)
-            inputs = x.gather(slice(pos, end), W.dtype) if isinstance(x, IndexedInputs) else x[..., pos:end, :, :]
+                check_only = torch.where(still_in.reshape(1, -1), 2, 0).to(torch.uint8)
+                needed = torch.where(logged[:, None], torch.ones((), dtype=torch.uint8), check_only)
+            steps = slice(pos, end)
+            if not indexed:
+                inputs, index = x[..., steps, :, :], None
+            elif self.backend == "numba":
+                inputs, index = x.source, x.index[..., steps, :]
+            else:
+                inputs, index = x.gather(steps, W.dtype), None
             out = kernels.run_steps(
-                W, a, inputs, y[..., pos:end, :], self.lr,
+                W, a, inputs, y[..., steps, :], self.lr,
                 sam_rho=self.sam_rho, sam_normalize=self.sam_normalize, backend=self.backend,
                 snapshots=[t - pos for t in group] if group else None, stats_against=against, stats_needed=needed,
+                index=index, track=self._track, inside_sq=inside_sq,
             )
             if out is not None:
                 self._record([start + t for t in group], out, check, every)

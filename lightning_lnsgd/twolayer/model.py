@@ -171,8 +171,10 @@ class TwoLayerLinear(pl.LightningModule):
         # that requires grad to wrap the module.
         self.W = nn.Parameter(W)
         self.a = nn.Parameter(a)
-        # The initial weights define the lazy ball; buffers travel with the module and the checkpoint.
-        self.register_buffer("W0", W.clone())
+        # The initial weights define the lazy ball. They travel with the module but not in the checkpoint: the
+        # arguments that make them are fixed on resume (FIXED_ON_RESUME), so a resumed model rebuilds the same
+        # ones, and a checkpoint (serialised in memory while Lightning saves it) holds one copy of the stack.
+        self.register_buffer("W0", W.clone(), persistent=False)
         self.register_buffer("escape_step", torch.full(W.shape[:-2], -1, dtype=torch.int64))
         self.register_buffer("lr_per_replica", torch.tensor(rates if K is not None else rates[0]))
         self.teacher: torch.Tensor | None = None
@@ -399,7 +401,8 @@ class TwoLayerLinear(pl.LightningModule):
         A smaller step to continue with is a common wish, so ``lr`` may change: the ``lr_per_replica`` buffer and,
         on the generic path, the SGD optimizer take the new value before Lightning restores them, and logged
         hyper-parameters and divergence messages carry it. The arguments of :attr:`FIXED_ON_RESUME` and a switch
-        between the generic and the fused path raise a ``ValueError`` naming the argument and both values.
+        between the generic and the fused path raise a ``ValueError`` naming the argument and both values. A
+        checkpoint that holds ``W0`` (older releases wrote it) must hold the one the arguments rebuild.
         """
         saved = checkpoint.get("hyper_parameters") or {}
         for name in self.FIXED_ON_RESUME:
@@ -417,6 +420,12 @@ class TwoLayerLinear(pl.LightningModule):
                 f"TwoLayerLinear: resuming with backend={self.hparams.backend!r} (the {'fused' if self.fused else 'generic'}"
                 f" path), but the checkpoint was written by the {'fused' if saved_fused else 'generic'} path "
                 f"(backend={saved['backend']!r}); resume with backend={saved['backend']!r}."
+            )
+        saved_W0 = state.pop("W0", None)  # written by releases that checkpointed it
+        if saved_W0 is not None and not torch.equal(saved_W0.cpu(), self.W0.cpu()):
+            raise ValueError(
+                "TwoLayerLinear: the checkpoint's initial weights W0 differ from those this model's arguments give "
+                "(the initialisation changed between the release that wrote it and this one); start a new run."
             )
         old = state.get("lr_per_replica")
         if old is not None and not torch.equal(old.cpu(), self.lr_per_replica.cpu()):

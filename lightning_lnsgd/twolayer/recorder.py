@@ -62,6 +62,15 @@ class Recorder:
         K = self.model.replicas
         return K is not None and K <= self.model.hparams.log_replicas
 
+    #: Relative margin of :meth:`inside_lazy_ball_sq`, far above the rounding of a neuron's squared distance.
+    INSIDE_MARGIN = 1e-6
+
+    def inside_lazy_ball_sq(self) -> float:
+        """A squared distance from its initial weights below which a neuron is inside the lazy ball (radius 1/√m)
+        by :attr:`INSIDE_MARGIN`: a replica with such a neuron has not escaped (``lazy_distance ≤ 1``) whatever
+        the rounding of the full check. The numba kernel's escape check stops at such a neuron."""
+        return (1.0 - self.INSIDE_MARGIN) / self.model.W.shape[-2]
+
     @property
     def escape_open(self) -> bool:
         """Whether some replica's escape step is still to be logged."""
@@ -106,7 +115,13 @@ class Recorder:
     def check_finite(self, step: int) -> None:
         """Raises :class:`DivergenceError` if a replica's weights are not finite at ``step`` (a host sync)."""
         model = self.model
-        finite = torch.isfinite(model.W).flatten(-2).all(-1) & torch.isfinite(model.a).all(-1)
+        W, a = model.W.detach(), model.a.detach()
+        if W.ndim < 3:
+            finite = torch.isfinite(W).all() & torch.isfinite(a).all()
+        else:  # by blocks of replicas: isfinite makes a temporary the size of its input
+            n = self.STATS_BLOCK
+            blocks = zip(W.split(n, -3), a.split(n, -2))
+            finite = torch.cat([torch.isfinite(w).flatten(-2).all(-1) & torch.isfinite(v).all(-1) for w, v in blocks])
         if not bool(finite.all()):
             self.raise_divergence(step, None if finite.ndim == 0 else torch.nonzero(~finite).flatten().tolist())
 

@@ -133,8 +133,20 @@ def _per_replica(v: Union[float, Tensor], R: int, like: Tensor, name: str) -> Te
     return t.contiguous()
 
 
-def _check(W: Tensor, a: Tensor, x: Tensor, y: Tensor) -> tuple[bool, int, int, int, int, int]:
+def _check(
+    W: Tensor, a: Tensor, x: Tensor, y: Tensor, index: Optional[Tensor] = None
+) -> tuple[bool, int, int, int, int, int]:
     """Validates shapes; returns (has replica axis, R, k, B, m, d)."""
+    if index is not None:
+        if x.dim() != 2:
+            raise ValueError(f"run_steps: with `index`, x must be the table of inputs (n, d), got {tuple(x.shape)}.")
+        if index.dtype != torch.int64:
+            raise TypeError(f"run_steps: index must be int64, got {index.dtype}.")
+        if index.device != x.device:
+            raise ValueError(f"run_steps: index is on {index.device}, x on {x.device}.")
+        if x.shape[0] == 0:
+            raise ValueError("run_steps: the table of inputs x is empty.")
+        x = x[:1].expand(*index.shape, x.shape[-1])  # a view shaped like the gathered inputs, for the checks below
     if W.dim() not in (2, 3):
         raise ValueError(f"run_steps: W must be (m, d) or (R, m, d), got {tuple(W.shape)}.")
     rep = W.dim() == 3
@@ -221,6 +233,9 @@ def run_steps(
     snapshots: Optional[Sequence[int]] = None,
     stats_against: Optional[tuple[Tensor, Tensor]] = None,
     stats_needed: Optional[Tensor] = None,
+    index: Optional[Tensor] = None,
+    track: Optional[Tensor] = None,
+    inside_sq: float = 0.0,
 ) -> Optional[Union[tuple[Tensor, Tensor], Tensor]]:
     """Run ``k`` SGD (or SAM) steps of the two-layer linear model in place (see the module docstring for the math).
 
@@ -228,7 +243,7 @@ def run_steps(
         W: first layer ``(R, m, d)`` (R replicas) or ``(m, d)``; updated in place.
         a: second layer ``(R, m)`` or ``(m,)``; updated in place, same dtype as ``W``.
         x: inputs ``(R, k, B, d)``; ``(k, B, d)`` when ``W`` has no replica axis, or (also ``(1, k, B, d)``) one
-            stream shared by all replicas. Cast to ``W``'s dtype.
+            stream shared by all replicas. Cast to ``W``'s dtype. With ``index``, the table of inputs ``(n, d)``.
         y: targets ``(R, k, B)`` / ``(k, B)``, already noisy (the label noise is the caller's).
         lr: the step size η: a float or one value per replica ``(R,)``.
         sam_rho: ``None`` for plain SGD; else the SAM radius ρ, a float or ``(R,)``.
@@ -241,17 +256,29 @@ def run_steps(
             ``snapshots``, return the :func:`~lightning_lnsgd.twolayer.dynamics.weight_stats` of the weights at the
             snapshot steps instead of copies of them. The numba kernel reduces the weights as it produces them,
             without copying them out; the other backends reduce the copies.
-        stats_needed: with ``stats_against`` on the numba backend, a bool ``(S, R)`` (``(S,)`` without a replica
-            axis): the statistics of snapshot s and replica r are computed only where it is ``True`` and are NaN
-            elsewhere, which saves the O(m·d²) reduction; the weights are the same either way. Other backends ignore it.
+        stats_needed: with ``stats_against`` on the numba backend, ``(S, R)`` (``(S,)`` without a replica axis), bool
+            or integer: the statistics of snapshot s and replica r are computed where it is 1 (``True``) and are NaN
+            where it is 0, which saves the O(m·d²) reduction; the weights are the same either way. Where it is 2 only
+            the lazy-ball check is wanted: while the neuron ``track[r]`` has moved by a squared distance below
+            ``inside_sq``, that distance is returned as ``lazy_min_sq`` (an upper bound of the minimum) and the rest
+            is NaN, at O(d²); else all statistics are computed. Other backends ignore it and compute them all.
+        index: the row of ``x`` of each example, int64 ``(R, k, B)`` (``(k, B)``, ``(1, k, B)`` as for ``x``): the
+            numba kernel reads the rows inside its step loop; the other backends gather them first.
+        track: with ``stats_needed``, ``(R,)`` int64 (``()`` without a replica axis), updated in place: the neuron
+            that moved least at each replica's last full reduction (start with zeros; any neuron is correct, a
+            well-chosen one is faster).
+        inside_sq: the squared distance from its initial weights below which a neuron is inside the lazy ball, with
+            whatever margin the caller's check needs (0: every check is a full reduction).
 
     Returns:
         ``None`` without ``snapshots``; else ``(Ws, As)``, the weights after each snapshot step, with shapes
         ``(S,) + W.shape`` and ``(S,) + a.shape`` (S = ``len(snapshots)``); with ``stats_against``, their statistics
         ``(S,) + W.shape[:-2] + (5 + d,)`` in float64.
     """
-    rep, R, k, B, m, d = _check(W, a, x, y)
+    rep, R, k, B, m, d = _check(W, a, x, y, index)
     be = resolve_backend(backend, W.device, (m, d))
+    if index is not None and be != "numba":
+        x, index = x[index], None
     if snapshots is not None:
         snaps = [int(t) for t in snapshots]
         if any(not 0 < t <= k for t in snaps) or any(b <= a_ for a_, b in zip(snaps, snaps[1:])):
@@ -260,14 +287,18 @@ def run_steps(
             stats = torch.empty((len(snaps), R, len(STATS) + d), dtype=torch.float64)
             W0, teacher = stats_against
             needed = None if stats_needed is None else stats_needed.reshape(len(snaps), R).to(torch.uint8).contiguous()
+            if track is not None and (track.dtype != torch.int64 or track.numel() != R or not track.is_contiguous()):
+                raise ValueError(f"run_steps: track must be a contiguous int64 tensor of {R} values, got {track!r}.")
             _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, snaps, stats=(W0, teacher, stats),
-                          needed=needed)
+                          needed=needed, index=index, track=track, inside_sq=inside_sq)
             return stats if rep else stats[:, 0]
         Ws = W.new_empty((len(snaps),) + tuple(W.shape))
         As = a.new_empty((len(snaps),) + tuple(a.shape))
         if be == "numba" and snaps:
-            _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, snaps, Ws, As)
+            _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, snaps, Ws, As, index=index)
         else:
+            if index is not None:
+                x = x[index]
             _run_between_snapshots(W, a, x, y, lr, sam_rho, sam_normalize, be, snaps, Ws, As)
         if stats_against is not None:
             return weight_stats(Ws, As, *stats_against)
@@ -277,7 +308,7 @@ def run_steps(
     if be == "torch":
         run_steps_torch(W, a, x, y, lr, sam_rho=sam_rho, sam_normalize=sam_normalize)
         return None
-    _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize)
+    _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, index=index)
     return None
 
 
@@ -301,13 +332,18 @@ def _run_compiled(
     sam_rho: Optional[Union[float, Tensor]], sam_normalize: bool,
     snaps: Optional[list[int]] = None, Ws: Optional[Tensor] = None, As: Optional[Tensor] = None,
     stats: Optional[tuple[Tensor, Tensor, Tensor]] = None, needed: Optional[Tensor] = None,
+    index: Optional[Tensor] = None, track: Optional[Tensor] = None, inside_sq: float = 0.0,
 ) -> None:
-    """The numba / triton call of :func:`run_steps` (arguments already checked)."""
+    """The numba / triton call of :func:`run_steps` (arguments already checked; ``index`` numba only)."""
     if W.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"run_steps(backend={be!r}) supports float32 and float64, got {W.dtype}; use 'torch'.")
     W3 = W if rep else W.unsqueeze(0)
     a2 = a if rep else a.unsqueeze(0)
-    x4 = (x if x.dim() == 4 else x.unsqueeze(0)).to(W.dtype).contiguous()
+    if index is not None:
+        x4 = x.to(W.dtype).contiguous()  # the table; the index carries the (replica, step, example) axes
+        index = (index if index.dim() == 3 else index.unsqueeze(0)).contiguous()
+    else:
+        x4 = (x if x.dim() == 4 else x.unsqueeze(0)).to(W.dtype).contiguous()
     y3 = (y if y.dim() == 3 else y.unsqueeze(0)).to(W.dtype).contiguous()
     Wc = W3.contiguous()
     ac = a2.contiguous()
@@ -343,6 +379,9 @@ def _run_compiled(
             snap_args,
             stats_args,
             None if needed is None else needed.numpy(),
+            None if index is None else index.numpy(),
+            None if track is None else track.view(-1).numpy(),
+            inside_sq,
         )
     else:
         from . import triton_gpu

@@ -2,9 +2,10 @@
 
 The kernel runs ``k`` steps for each replica ``r`` of ``W`` ``(R, m, d)`` and ``a`` ``(R, m)`` in place, steps in
 order; blocks of replicas run in parallel on Python threads (the compiled function releases the GIL), as many as
-``numba.get_num_threads()`` (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``). Inputs are NumPy views of the torch tensors, all of one float dtype (float32 or
-float64; one compiled specialisation each). ``x`` is ``(Rx, k, B, d)`` and ``y`` ``(Rx, k, B)`` with ``Rx == R`` or
-``Rx == 1`` (one sample stream shared by all replicas); ``lr`` and ``rho`` are ``(R,)``.
+``numba.get_num_threads()`` (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``). Inputs are NumPy views of the torch
+tensors, all of one float dtype (float32 or float64; one compiled specialisation each). ``x`` is a table of inputs
+``(n, d)`` and ``xi`` ``(Rx, k, B)`` the row of each example, ``y`` ``(Rx, k, B)``, with ``Rx == R`` or ``Rx == 1``
+(one sample stream shared by all replicas); ``lr`` and ``rho`` are ``(R,)``.
 
 Why it never touches W inside the step loop
 -------------------------------------------
@@ -35,6 +36,17 @@ each snapshot step it forms every neuron's weights and sums what the logged tags
 from the moments), which saves the copies and the passes of torch over them. The SAM step's second gradient repeats
 the first one's loop rather than calling a compiled helper (see "Compile time").
 
+The escape check reads one number per replica, whether some neuron is still inside the lazy ball (minᵢ‖wᵢ − wᵢ(0)‖
+below its radius), every 100 steps, and in a phase diagram some replicas never leave it: a full reduction there would
+cost O(m·d²) per check and replica, several times the steps between two checks. So a snapshot can ask for that check
+alone (``need`` 2): the kernel forms only the neuron that moved least at the last full reduction (``track``); while
+it is inside the ball by a margin, so is the minimum, which is all the check needs. Only when it leaves does the
+kernel reduce every neuron again and track the new least-moved one.
+
+Inputs: the kernel reads example b of step t of replica r as row ``xi[r, t, b]`` of a table ``x`` ``(n, d)`` (``Rx``
+= 1: one stream shared by all replicas), so a batch of k steps can carry indices into the training set rather than
+k·B·d inputs per replica (:func:`run` builds the trivial index for inputs given in full).
+
 Compile time: the whole step is one compiled function with no compiled helpers and no ``parallel=True`` (each
 helper and numba's parallel pass add seconds of compilation on a first run and nothing to the speed), and SGD and
 SAM are two specialisations of it: ``rho`` is ``None`` for SGD, which numba prunes at compile time, so a run compiles
@@ -60,13 +72,13 @@ _FM = {"reassoc", "contract", "nsz"}
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, scratch, first, last):  # pragma: no cover
+def steps(W, a, x, xi, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, track, inside_sq, scratch, first, last):  # pragma: no cover
     """k SGD (``rho`` None) or SAM steps on replicas ``first`` … ``last − 1`` (see the module docstring).
 
     ``scratch`` ``(R, L)`` float64, one padded row per replica: S, P, Pᵀ and 11 vectors of length d + 1."""
     _, m, d = W.shape
-    k = x.shape[1]
-    B = x.shape[2]
+    k = xi.shape[1]
+    B = xi.shape[2]
     D = d + 1
     with_stats = ST.shape[0] > 0
     ref_norm = 0.0
@@ -74,7 +86,7 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, 
         ref_norm += ref[p] * ref[p]
     ref_norm = math.sqrt(ref_norm)
     for r in range(first, last):
-        xr = 0 if x.shape[0] == 1 else r
+        xr = 0 if xi.shape[0] == 1 else r
         eta = float(lr[r])
         e2 = eta * eta
         S = scratch[r, 0 : D * D].reshape((D, D))
@@ -110,7 +122,24 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, 
                 for p in range(D):
                     for q in range(D):
                         PT[q, p] = P[p, q]
+                if stats and need[si, r] == 2:
+                    # Only "is some neuron still inside the lazy ball?": if the neuron that moved least at the last
+                    # full reduction is still well inside, the minimum is too, and the O(m·d²) pass is skipped.
+                    j = track[r]
+                    moved_sq = 0.0
+                    for p in range(d):
+                        acc_p = float(a[r, j]) * PT[d, p]
+                        for q in range(d):
+                            acc_p += float(W[r, j, q]) * PT[q, p]
+                        moved_sq += (acc_p - W0[r, j, p]) * (acc_p - W0[r, j, p])
+                    if moved_sq < inside_sq:
+                        for p in range(ST.shape[2]):
+                            ST[si, r, p] = math.nan
+                        ST[si, r, 3] = moved_sq  # an upper bound of the minimum, inside the ball
+                        si += 1
+                        continue
                 norm_sq_sum, align_sum, cos_sum, lazy_min_sq, a_abs_sum = 0.0, 0.0, 0.0, math.inf, 0.0
+                least = 0
                 for i in range(m):
                     for p in range(D):
                         acc[p] = 0.0
@@ -130,7 +159,9 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, 
                         norm_sq_sum += w_sq
                         align_sum += abs(dot)
                         cos_sum += abs(dot) / max(math.sqrt(w_sq) * ref_norm, 1e-30)
-                        lazy_min_sq = min(lazy_min_sq, moved_sq)
+                        if moved_sq < lazy_min_sq:
+                            lazy_min_sq = moved_sq
+                            least = i
                         a_abs_sum += abs(acc[d])
                     elif into:
                         for p in range(d):
@@ -146,6 +177,7 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, 
                     ST[si, r, 2] = cos_sum
                     ST[si, r, 3] = lazy_min_sq
                     ST[si, r, 4] = a_abs_sum
+                    track[r] = least
                     for p in range(d):
                         ST[si, r, 5 + p] = S[p, d]  # θ = Σᵢ aᵢwᵢ, from the moments
                 if not into:
@@ -157,11 +189,12 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, 
             for j in range(D):
                 g[j] = 0.0
             for b in range(B):
+                xb = x[xi[xr, t, b]]
                 res = -float(y[xr, t, b])
                 for j in range(d):
-                    res += S[j, d] * x[xr, t, b, j]
+                    res += S[j, d] * xb[j]
                 for j in range(d):
-                    g[j] += res * x[xr, t, b, j]
+                    g[j] += res * xb[j]
             for j in range(d):
                 g[j] = g[j] / B
             if rho is not None:
@@ -194,11 +227,12 @@ def steps(W, a, x, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, 
                 for j in range(D):
                     gp[j] = 0.0
                 for b in range(B):
+                    xb = x[xi[xr, t, b]]
                     res = -float(y[xr, t, b])
                     for j in range(d):
-                        res += eP[j] * x[xr, t, b, j]
+                        res += eP[j] * xb[j]
                     for j in range(d):
-                        gp[j] += res * x[xr, t, b, j]
+                        gp[j] += res * xb[j]
                 gpg = 0.0
                 for j in range(d):
                     gp[j] = gp[j] / B
@@ -282,17 +316,24 @@ STATS = ("norm_sq_sum", "alignment_sum", "cosine_sum", "lazy_min_sq", "a_abs_sum
 
 def run(
     W: np.ndarray, a: np.ndarray, x: np.ndarray, y: np.ndarray, lr: np.ndarray, rho, normalize: bool, snapshots=None,
-    stats_against=None, needed=None,
+    stats_against=None, needed=None, index=None, track=None, inside_sq: float = 0.0,
 ) -> None:
     """Runs :func:`steps`. All arrays C-contiguous, one float dtype; ``rho`` None (SGD) or ``(R,)`` (SAM);
     ``snapshots`` None or ``(snap, SW, SA)`` (see the module docstring). Replicas are split into as many blocks as
     there are numba threads, one thread each.
 
+    ``x`` is ``(Rx, k, B, d)``, or with ``index`` ``(Rx, k, B)`` int64 a table of inputs ``(n, d)`` of which example b
+    of step t of replica r is row ``index[r, t, b]`` (read inside the step loop: the batch holds no inputs).
+
     ``stats_against`` ``(W0, v, ST)``: at the snapshot steps, instead of copying the weights into ``SW``, ``SA``
     (then empty), reduce them into ``ST`` ``(S, R, 5 + d)`` float64: Σᵢ‖wᵢ‖², Σᵢ|⟨wᵢ, v⟩|, Σᵢ|cos(wᵢ, v)|,
     minᵢ‖wᵢ − W0ᵢ‖², Σᵢ|aᵢ| (:data:`STATS`) and θ = Σᵢ aᵢwᵢ; ``W0`` like ``W``, ``v`` ``(d,)`` float64.
     ``needed`` ``(S, R)`` uint8 (default all 1): the statistics of snapshot s and replica r are computed where it is 1,
-    and NaN where it is 0 (the weights do not change at a snapshot, so skipping one changes nothing else)."""
+    and NaN where it is 0 (the weights do not change at a snapshot, so skipping one changes nothing else). Where it is
+    2 only the lazy-ball check is wanted: if the neuron ``track[r]`` has moved by a squared distance below
+    ``inside_sq``, that distance stands in for minᵢ‖wᵢ − W0ᵢ‖² (an upper bound of it) and the rest is NaN, at O(d²);
+    otherwise, as everywhere the statistics are computed, all of them are, and ``track[r]`` (``(R,)`` int64, default
+    zeros, updated in place) becomes the neuron that moved least."""
     R, m, d = W.shape
     if snapshots is None:
         snapshots = (np.empty(0, np.int64), np.empty((0, R, m, d), W.dtype), np.empty((0, R, m), W.dtype))
@@ -300,11 +341,17 @@ def run(
         stats_against = (W, np.zeros(d), np.empty((0, R, 5 + d)))
     if needed is None:
         needed = np.ones((stats_against[2].shape[0], R), np.uint8)
+    if track is None:
+        track = np.zeros(R, np.int64)
+    if index is None:  # the inputs as a table of their own rows, in order
+        index = np.arange(x.shape[0] * x.shape[1] * x.shape[2], dtype=np.int64).reshape(x.shape[:3])
+        x = x.reshape(-1, d)
     D = d + 1
     # One row per replica, padded to whole 64-byte lines plus one: threads never write a line another thread uses.
     width = -(-(3 * D * D + 11 * D) // 8) * 8 + 8
     scratch = np.empty((R, width))
-    args = (W, a, x, y, lr, rho, bool(normalize), 1e-12, *snapshots, *stats_against, needed, scratch)
+    args = (W, a, x, index, y, lr, rho, bool(normalize), 1e-12, *snapshots, *stats_against, needed, track,
+            float(inside_sq), scratch)
     threads = min(R, get_num_threads())
     if threads <= 1:
         steps(*args, 0, R)
