@@ -30,6 +30,8 @@ from .twolayer import (
     SparseTeacherDataModule,
     StepProgressBar,
     TwoLayerLinear,
+    expand_grid,
+    read_replica_table,
 )
 
 __all__ = [
@@ -55,7 +57,9 @@ __all__ = [
     "StepProgressBar",
     "SparseTeacherDataModule",
     "TwoLayerLinear",
+    "expand_grid",
     "is_perturbed_pass",
+    "read_replica_table",
     "sam_perturbation",
 ]
 

@@ -108,7 +108,8 @@ def test_a_config_error_ends_in_one_line_naming_field_value_and_reason(capsys, a
 
 def test_progress_bar_off_builds_every_config_under_the_other_lightning_package(tmp_path):
     """The other package than the one this process serves, in a fresh interpreter: every config builds its Trainer
-    with the bar off, and one fits a few steps (the served package runs them all above)."""
+    with the bar off, and two fit a few steps, SAM and the phase-diagram grid (the served package runs them all
+    above)."""
     if len(compat.INSTALLED) < 2:
         pytest.skip("needs both pytorch_lightning and lightning installed")
     other = "lightning" if compat.INSTALLED[1] == "lightning.pytorch" else compat.INSTALLED[1]
@@ -125,6 +126,11 @@ for config in sys.argv[1:]:
     assert type(cli.trainer).__module__.startswith(compat.PACKAGE), type(cli.trainer)
 cli = main(["fit", "--config", "configs/sam.yaml", *fast])
 assert cli.trainer.global_step == 3 and cli.trainer.progress_bar_callback is None
+# the grid: LabelNoise takes its sigma column from the model's grid, and the replicas' table is written
+from lightning_lnsgd import read_replica_table
+cli = main(["fit", "--config", "configs/phase_diagram.yaml", *fast, "--model.width", "4"])
+rows = read_replica_table(cli.trainer.log_dir)
+assert len(rows) == 1024 and rows[9]["sigma"] == 1.0 and rows[1023]["sigma"] == 8.0, rows[9]
 print("ok", len(sys.argv) - 1)
 """
     configs = CONFIGS  # run=False builds the digits datamodule without loading scikit-learn's data

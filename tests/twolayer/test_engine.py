@@ -321,3 +321,39 @@ def test_numba_replicas_on_threads_equal_one_thread(monkeypatch):
         results.append((W, a))
     for W, a in results[1:]:
         assert torch.equal(W, results[0][0]) and torch.equal(a, results[0][1])
+
+
+@pytest.mark.skipif("numba" not in available_backends(), reason="numba not installed")
+def test_numba_escape_check_on_the_tracked_neuron_gives_the_full_check_escape_steps(monkeypatch):
+    """Between logging steps the numba path checks the lazy ball on one tracked neuron; the escape steps (and the
+    weights) are those of reducing every neuron at every check, and those of the torch backend."""
+    from lightning_lnsgd.twolayer.recorder import Recorder
+
+    kw = dict(replicas=4, replica_seeds=[1, 2, 3, 4], lr=[0.002, 0.01, 0.03, 0.06], steps=1500, every=500,
+              steps_per_batch=250, noise=2.0)  # checks every 100 steps, logging every 500
+    tracked, _ = fit(backend="numba", **kw)
+    reference, _ = fit(backend="torch", **kw)
+    monkeypatch.setattr(Recorder, "inside_lazy_ball_sq", lambda self: 0.0)  # no neuron is ever "well inside"
+    full, _ = fit(backend="numba", **kw)
+    escaped = tracked.escape_step >= 0
+    assert bool(escaped.any()) and not bool(escaped.all())  # some replicas escape within the run, some do not
+    assert torch.equal(tracked.escape_step, full.escape_step) and torch.equal(tracked.W, full.W)
+    assert torch.equal(tracked.escape_step, reference.escape_step)
+
+
+def test_the_checkpoint_holds_the_weights_once_and_resume_rebuilds_the_initial_ones(tmp_path):
+    model, trainer = fit(steps=40, backend="torch", steps_per_batch=8, replicas=2)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    state = torch.load(tmp_path / "c.ckpt", weights_only=False)["state_dict"]
+    assert "W" in state and "W0" not in state
+    resumed, _ = fit(steps=48, backend="torch", steps_per_batch=8, replicas=2, ckpt=tmp_path / "c.ckpt")
+    assert torch.equal(resumed.W0, model.W0) and not torch.equal(resumed.W, resumed.W0)
+    # a checkpoint of a release that saved W0 still loads; one whose W0 differs is refused
+    ckpt = torch.load(tmp_path / "c.ckpt", weights_only=False)
+    ckpt["state_dict"]["W0"] = model.W0.clone()
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    fit(steps=48, backend="torch", steps_per_batch=8, replicas=2, ckpt=tmp_path / "old.ckpt")
+    ckpt["state_dict"]["W0"] = model.W0 + 1
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="initial weights W0 differ"):
+        fit(steps=48, backend="torch", steps_per_batch=8, replicas=2, ckpt=tmp_path / "other.ckpt")

@@ -331,3 +331,82 @@ def test_numba_skips_only_the_statistics_it_is_told_nobody_reads():
     assert bool(full.isfinite().all()) and not torch.equal(W_all, W0)
     assert torch.equal(W_all, W_some) and torch.equal(a_all, a_some)  # the weights never depend on the mask
     assert torch.equal(some[needed], full[needed]) and bool(some[~needed].isnan().all())
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=needs_numba)])
+@pytest.mark.parametrize("mode", ["sgd", "sam"])
+@pytest.mark.parametrize(("shared", "B"), [(False, 1), (False, 3), (True, 2)])
+def test_inputs_by_index_equal_the_gathered_inputs(backend, mode, shared, B):
+    """``index`` into a table of inputs: the same weights and statistics, bit for bit, as the gathered inputs."""
+    gen = torch.Generator().manual_seed(3)
+    R, k, m, d, n = 3, 60, 10, 4, 7
+    W0, a0 = torch.randn(R, m, d, generator=gen) / d**0.5, torch.randn(R, m, generator=gen) / m**0.5
+    table = torch.randn(n, d, generator=gen)
+    index = torch.randint(0, n, (1 if shared else R, k, B), generator=gen)
+    y = torch.randn(index.shape, generator=gen)
+    rho, normalize = MODES[mode]
+    against = (W0.clone(), torch.ones(d) / d**0.5)
+    runs = []
+    for inputs, idx in ((table[index], None), (table, index)):
+        W, a = W0.clone(), a0.clone()
+        stats = K.run_steps(W, a, inputs, y, 0.05, sam_rho=rho, sam_normalize=normalize, backend=backend,
+                            snapshots=[20, 60], stats_against=against, index=idx)
+        runs.append((W, a, stats))
+    (W1, a1, s1), (W2, a2, s2) = runs
+    assert not torch.equal(W1, W0)
+    assert torch.equal(W1, W2) and torch.equal(a1, a2) and torch.equal(s1, s2)
+
+
+def test_index_errors():
+    W, a = torch.zeros(2, 3, 4), torch.zeros(2, 3)
+    table, index, y = torch.zeros(5, 4), torch.zeros(2, 6, 1, dtype=torch.int64), torch.zeros(2, 6, 1)
+    with pytest.raises(ValueError, match="table of inputs"):
+        K.run_steps(W, a, table[None], y, 0.1, index=index, backend="torch")
+    with pytest.raises(TypeError, match="index must be int64"):
+        K.run_steps(W, a, table, y, 0.1, index=index.int(), backend="torch")
+    with pytest.raises(ValueError, match="feature size"):
+        K.run_steps(W, a, table[:, :3], y, 0.1, index=index, backend="torch")
+    with pytest.raises(ValueError, match="y must have shape"):
+        K.run_steps(W, a, table, y[:, :5], 0.1, index=index, backend="torch")
+
+
+@needs_numba
+def test_numba_escape_only_check_decides_as_the_full_reduction_and_tracks_the_least_moved_neuron():
+    """``stats_needed`` 2: while the tracked neuron is inside the ball, its distance (≥ the minimum, < ``inside_sq``)
+    stands in for the minimum; once it is out, everything is computed and the least-moved neuron is tracked."""
+    gen = torch.Generator().manual_seed(8)
+    R, k, m, d = 6, 200, 12, 5
+    W0, a0 = torch.randn(R, m, d, generator=gen) / d**0.5, torch.randn(R, m, generator=gen) / m**0.5
+    x, y = torch.randn(R, k, 1, d, generator=gen), 3 * torch.randn(R, k, 1, generator=gen)
+    lr = torch.linspace(0.002, 0.05, R)  # from replicas that stay inside to replicas that leave early
+    against = (W0.clone(), torch.ones(d) / d**0.5)
+    snaps = list(range(10, k + 1, 10))
+    inside_sq = 0.5 / m
+    W, a = W0.clone(), a0.clone()
+    full = K.run_steps(W, a, x, y, lr, backend="numba", snapshots=snaps, stats_against=against)
+    Wc, ac, track = W0.clone(), a0.clone(), torch.zeros(R, dtype=torch.int64)
+    needed = torch.full((len(snaps), R), 2, dtype=torch.uint8)
+    cheap = K.run_steps(Wc, ac, x, y, lr, backend="numba", snapshots=snaps, stats_against=against,
+                        stats_needed=needed, track=track, inside_sq=inside_sq)
+    assert bool(full.isfinite().all()) and torch.equal(Wc, W) and torch.equal(ac, a)
+    lazy, lazy_full = cheap[..., 3], full[..., 3]
+    skipped = cheap[..., 0].isnan()
+    assert bool(skipped.any()) and bool((~skipped).any())
+    # ≥ the minimum, up to the rounding of one neuron's distance formed outside the loop over all of them
+    assert bool((lazy[skipped] >= lazy_full[skipped] * (1 - 1e-9)).all()) and bool((lazy[skipped] < inside_sq).all())
+    assert torch.equal(cheap[~skipped], full[~skipped])
+    assert torch.equal(lazy < inside_sq, lazy_full < inside_sq)  # the decision of every check
+    # the tracked neuron is the least-moved one of each replica's last full reduction
+    moved = torch.stack(
+        [(Ws - W0).square().sum(-1) for Ws in _weights_at(W0, a0, x, y, lr, snaps)]
+    )  # (S, R, m)
+    for r in range(R):
+        done = torch.nonzero(~skipped[:, r]).flatten()
+        if len(done):
+            assert int(track[r]) == int(moved[done[-1], r].argmin())
+
+
+def _weights_at(W0, a0, x, y, lr, snaps):
+    """W after each of ``snaps`` steps, by the numba kernel's snapshot copies."""
+    Ws, _ = K.run_steps(W0.clone(), a0.clone(), x, y, lr, backend="numba", snapshots=snaps)
+    return list(Ws)

@@ -72,7 +72,9 @@ _FM = {"reassoc", "contract", "nsz"}
 
 
 @njit(cache=True, fastmath=_FM, nogil=True, error_model="numpy")
-def steps(W, a, x, xi, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, track, inside_sq, scratch, first, last):  # pragma: no cover
+def steps(  # pragma: no cover
+    W, a, x, xi, y, lr, rho, normalize, eps, snap, SW, SA, W0, ref, ST, need, track, inside_sq, scratch, first, last
+):
     """k SGD (``rho`` None) or SAM steps on replicas ``first`` … ``last − 1`` (see the module docstring).
 
     ``scratch`` ``(R, L)`` float64, one padded row per replica: S, P, Pᵀ and 11 vectors of length d + 1."""
