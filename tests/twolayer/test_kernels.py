@@ -368,6 +368,10 @@ def test_index_errors():
         K.run_steps(W, a, table[:, :3], y, 0.1, index=index, backend="torch")
     with pytest.raises(ValueError, match="y must have shape"):
         K.run_steps(W, a, table, y[:, :5], 0.1, index=index, backend="torch")
+    if HAS_NUMBA:
+        with pytest.raises(ValueError, match=r"track must be .* neuron indices in \[0, 3\)"):
+            K.run_steps(W, a, table, y, 0.1, index=index, backend="numba", snapshots=[3],
+                        stats_against=(W.clone(), torch.ones(4)), track=torch.tensor([0, 3]))
 
 
 @needs_numba

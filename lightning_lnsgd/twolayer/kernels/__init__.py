@@ -287,8 +287,14 @@ def run_steps(
             stats = torch.empty((len(snaps), R, len(STATS) + d), dtype=torch.float64)
             W0, teacher = stats_against
             needed = None if stats_needed is None else stats_needed.reshape(len(snaps), R).to(torch.uint8).contiguous()
-            if track is not None and (track.dtype != torch.int64 or track.numel() != R or not track.is_contiguous()):
-                raise ValueError(f"run_steps: track must be a contiguous int64 tensor of {R} values, got {track!r}.")
+            if track is not None and (
+                track.dtype != torch.int64 or track.numel() != R or not track.is_contiguous()
+                or bool((track < 0).any() | (track >= m).any())
+            ):
+                raise ValueError(
+                    f"run_steps: track must be a contiguous int64 tensor of {R} neuron indices in [0, {m}), got "
+                    f"{track!r}."
+                )
             _run_compiled(be, rep, R, W, a, x, y, lr, sam_rho, sam_normalize, snaps, stats=(W0, teacher, stats),
                           needed=needed, index=index, track=track, inside_sq=inside_sq)
             return stats if rep else stats[:, 0]
