@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["bits", "rademacher", "randint"]
+__all__ = ["KINDS", "draw"]
 
 _G = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -31,8 +31,7 @@ def _mix(z):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _fill(keys, t0, out, kind, high):  # pragma: no cover - compiled
-    """``out`` ``(R, n, numel)``: kind 0 the raw bits (uint64 view of int64), 1 ``randint(high)`` (int64),
-    2 Rademacher signs (float)."""
+    """``out`` ``(R, n, numel)``: kind 0 the raw bits (a uint64 view), 1 ``randint(high)``, 2 Rademacher signs."""
     R, n, numel = out.shape
     for r in range(R):
         key = keys[r]
@@ -50,21 +49,13 @@ def _fill(keys, t0, out, kind, high):  # pragma: no cover - compiled
                     out[r, t, j] = 1.0 if z & _ONE else -1.0
 
 
-def _draw(keys: np.ndarray, t0: int, out: np.ndarray, kind: int, high: int = 0) -> None:
-    _fill(keys.view(np.uint64), np.int64(t0), out, kind, np.int64(high))
+#: What :func:`draw` writes: the raw 64-bit values (int64), ``randint``'s integers (int64), Rademacher signs (float).
+KINDS = ("bits", "randint", "rademacher")
 
 
-def bits(keys: np.ndarray, t0: int, out: np.ndarray) -> None:
-    """The 64-bit values of draws ``t0, t0 + 1, …`` into ``out`` ``(R, n, numel)`` int64, one row of ``keys`` (int64)
-    per replica."""
-    _draw(keys, t0, out.view(np.uint64), 0)
-
-
-def randint(keys: np.ndarray, t0: int, high: int, out: np.ndarray) -> None:
-    """:meth:`~lightning_lnsgd.rng.CounterRNG.randint`'s integers in {0, …, high − 1} into ``out`` int64."""
-    _draw(keys, t0, out, 1, high)
-
-
-def rademacher(keys: np.ndarray, t0: int, out: np.ndarray) -> None:
-    """:meth:`~lightning_lnsgd.rng.CounterRNG.rademacher`'s signs ±1 into ``out`` (float32 or float64)."""
-    _draw(keys, t0, out, 2)
+def draw(keys: np.ndarray, t0: int, out: np.ndarray, kind: str, high: int = 0) -> None:
+    """Draws ``t0, t0 + 1, …`` of the replicas whose keys (int64) are ``keys`` into ``out`` ``(R, n, numel)``: the
+    values of :class:`~lightning_lnsgd.rng.CounterRNG`'s ``bits``, ``randint(high)`` or ``rademacher``
+    (``kind``, one of :data:`KINDS`)."""
+    code = KINDS.index(kind)
+    _fill(keys.view(np.uint64), np.int64(t0), out.view(np.uint64) if code == 0 else out, code, np.int64(high))

@@ -97,23 +97,18 @@ class CounterRNG:
     ) -> torch.Tensor | None:
         """The draw from the compiled kernels, or ``None`` where the torch expressions make it (small draws, other
         devices, no numba). Advances the counter only when it draws."""
-        shape = tuple(int(s) for s in shape)
+        # The size first: small draws, one per SGD step on the generic path, should pay next to nothing here.
         draws = 1 if n is None else int(n)
         numel = math.prod(shape)
-        if torch.device(device).type != "cpu" or draws * numel * len(self.keys) < self.COMPILED_FROM:
+        if draws * numel * len(self.keys) < self.COMPILED_FROM or torch.device(device).type != "cpu":
             return None
+        shape = tuple(int(s) for s in shape)
         try:
             from . import _rng_numba
         except ImportError:  # pragma: no cover - numba is a dependency; a broken install falls back to torch
             return None
         out = torch.empty((len(self.keys), draws, numel), dtype=dtype)
-        keys = torch.tensor(self.keys, dtype=torch.int64).numpy()
-        if kind == "bits":
-            _rng_numba.bits(keys, self.counter, out.numpy())
-        elif kind == "randint":
-            _rng_numba.randint(keys, self.counter, high, out.numpy())
-        else:
-            _rng_numba.rademacher(keys, self.counter, out.numpy())
+        _rng_numba.draw(torch.tensor(self.keys, dtype=torch.int64).numpy(), self.counter, out.numpy(), kind, high)
         self.counter += draws
         out = out.view(len(self.keys), draws, *shape)
         if n is None:

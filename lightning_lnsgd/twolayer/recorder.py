@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import EllipsisType
 from typing import TYPE_CHECKING
 
@@ -41,8 +42,17 @@ class Recorder:
     tag of the run itself. Past ``log_replicas`` replicas only the means are logged (see :attr:`logs_replicas`).
     """
 
-    #: Replicas per block when the statistics of the current weights are computed (bounds their temporaries).
+    #: Replicas per block when the whole stack is reduced (statistics, finiteness): bounds the temporaries.
     STATS_BLOCK = 64
+
+    def replica_blocks(
+        self, W: torch.Tensor, a: torch.Tensor, *like_W: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(W, a, *like_W)`` cut together along the replica axis (``W``'s axis −3, ``a``'s −2) into blocks of
+        :attr:`STATS_BLOCK` replicas, for reductions that are per replica: their temporaries are a block's, not the
+        stack's, and their values the same."""
+        n = self.STATS_BLOCK
+        return zip(W.split(n, -3), a.split(n, -2), *(t.split(n, -3) for t in like_W))
 
     def __init__(self, model: TwoLayerLinear) -> None:
         self.model = model
@@ -118,9 +128,8 @@ class Recorder:
         W, a = model.W.detach(), model.a.detach()
         if W.ndim < 3:
             finite = torch.isfinite(W).all() & torch.isfinite(a).all()
-        else:  # by blocks of replicas: isfinite makes a temporary the size of its input
-            n = self.STATS_BLOCK
-            blocks = zip(W.split(n, -3), a.split(n, -2))
+        else:  # isfinite makes a temporary the size of its input
+            blocks = self.replica_blocks(W, a)
             finite = torch.cat([torch.isfinite(w).flatten(-2).all(-1) & torch.isfinite(v).all(-1) for w, v in blocks])
         if not bool(finite.all()):
             self.raise_divergence(step, None if finite.ndim == 0 else torch.nonzero(~finite).flatten().tolist())
@@ -131,10 +140,7 @@ class Recorder:
         W0, teacher = self.model.W0, self.teacher()
         if W.ndim < 3:
             return self.values_from_stats(weight_stats(W, a, W0, teacher))
-        # Blocks of replicas: the reductions are per replica, so the values are the same, and the temporaries are a
-        # block's, not the stack's.
-        n = self.STATS_BLOCK
-        blocks = zip(W.split(n, -3), a.split(n, -2), W0.split(n, -3))
+        blocks = self.replica_blocks(W, a, W0)
         return self.values_from_stats(torch.cat([weight_stats(w, v, w0, teacher) for w, v, w0 in blocks], -2))
 
     @torch.no_grad()
