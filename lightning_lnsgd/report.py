@@ -41,11 +41,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .stats import t_quantile
+
 __all__ = [
     "PANELS", "REPLICA_RUN", "ReportError", "ReportWarning", "event_dirs", "check_event_file", "escape_figure",
     "escape_points", "expand_replicas", "image_formats", "layers_in", "load_run", "load_scalars", "main",
     "output_path", "phase_diagram_figure", "phase_figure", "PowerLawFit", "power_law_fit", "split_stacked",
-    "find_replica_table", "t_quantile_975",
+    "find_replica_table",
 ]
 
 #: (panel title, [(tag suffix or full tag, line style)], log y, horizontal reference line)
@@ -339,27 +341,6 @@ def escape_figure(runs: Sequence[dict[int, Scalars]], labels: Sequence[str], par
     return fig
 
 
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` ≥ 1 degrees of freedom: exact for 1 and 2, else the
-    Cornish–Fisher expansion to 1/df⁴ (within 0.004 of the exact value at df = 3, 1e-5 from df = 10 on).
-
-    >>> round(t_quantile_975(1), 3), round(t_quantile_975(2), 3), round(t_quantile_975(10), 3)
-    (12.706, 4.303, 2.228)
-    """
-    import math
-
-    if df < 1:
-        raise ValueError(f"t_quantile_975: df={df!r} must be an int >= 1.")
-    if df == 1:
-        return math.tan(math.pi * 0.475)
-    if df == 2:
-        return 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))
-    z, v = 1.959963984540054, float(df)
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
-
-
 class PowerLawFit(NamedTuple):
     """T = c · x^a · y^b fitted by least squares on log T (:func:`power_law_fit`)."""
 
@@ -397,7 +378,7 @@ def power_law_fit(x: Sequence[float], y: Sequence[float], t: Sequence[float]) ->
     resid = Y - X @ coef
     s2 = float(resid @ resid) / max(n - 3, 1)
     se = np.sqrt(np.maximum(np.diag(np.linalg.inv(X.T @ X)) * s2, 0.0))
-    q = t_quantile_975(max(n - 3, 1))
+    q = t_quantile(0.975, max(n - 3, 1))
     a, b = float(coef[1]), float(coef[2])
     return PowerLawFit(a, b, (a - q * se[1], a + q * se[1]), (b - q * se[2], b + q * se[2]), float(np.exp(coef[0])), n)
 
@@ -548,14 +529,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
             if len(args.run_dirs) != 1:
                 raise ReportError(f"report: --phase-diagram draws one run; got {len(args.run_dirs)} RUN_DIRs.")
             table = find_replica_table(args.run_dirs[0])
-            fig, fit = phase_diagram_figure(read_replica_table(table), *args.phase_diagram)
+            rows = read_replica_table(table)
+            fig, fit = phase_diagram_figure(rows, *args.phase_diagram)
         except ReportError as err:
             parser.error(str(err))
         x, y = args.phase_diagram
         print(f"report: {table}: T₁ ∝ {x}^a · {y}^b fitted on {fit.n} escaped replicas:")
         print(f"  a ({x}) = {fit.a:.3f}  95% interval [{fit.a_interval[0]:.3f}, {fit.a_interval[1]:.3f}]")
         print(f"  b ({y}) = {fit.b:.3f}  95% interval [{fit.b_interval[0]:.3f}, {fit.b_interval[1]:.3f}]")
-        rows = read_replica_table(table)
         whole = [r for r in rows if all(o["escape_step"] > 0 for o in rows if (o[x], o[y]) == (r[x], r[y]))]
         if len(whole) < len(rows):  # the fastest seeds of a partly escaped cell bias the fit; without those cells:
             try:

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_lnsgd"
-PLUG_INS = ("callbacks", "strategies", "metrics", "nn", "compat.py", "protocol.py", "rng.py", "checks.py")
+PLUG_INS = ("callbacks", "strategies", "metrics", "nn", "compat.py", "protocol.py", "rng.py", "checks.py", "stats.py")
 
 
 def _imported_modules(path: Path) -> set[str]:

@@ -13,6 +13,7 @@ MODULES = [
     "lightning_lnsgd.nn.linearized",
     "lightning_lnsgd.examples.studies.kernel_regime",
     "lightning_lnsgd.examples.studies.runner",
+    "lightning_lnsgd.stats",
 ]
 
 
